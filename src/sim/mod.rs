@@ -1,0 +1,337 @@
+//! The SynapTask API simulator (`taskstream sim`): a faithful counterpart of the Socket.IO API
+//! (seeds 000-003, `shared/api/DECISIONS.md`) and of the job-event WebSocket API (seed 004),
+//! with a seeded mutation generator and HTTP ground truth. The connector's tests, demo and
+//! benchmarks all run against it.
+//!
+//! Layout: [`model`] entities and their JSON, [`world`] state and rules, [`generator`] seeded
+//! mutations, [`limits`] rate limits, [`server`] Socket.IO and HTTP, [`jobs`] the job API.
+
+pub mod generator;
+pub mod jobs;
+pub mod limits;
+pub mod model;
+pub mod server;
+pub mod world;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use self::generator::InitialSize;
+use self::model::User;
+use self::server::{lock, Limits, Sim};
+use self::world::World;
+
+/// The token and user of `taskstream sim` when `--tokens` is not given.
+pub const DEFAULT_TOKENS: &str = "st_sim_demo_token_0001:5f0c6a52-3b8e-4d7a-9c1e-2a4b6d8f0a11";
+
+/// Options of `taskstream sim`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimConfig {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: String,
+    /// Port of the Socket.IO API and the HTTP truth routes (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Port of the job-event WebSocket API (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    pub jobs_port: u16,
+    /// Socket.IO path (`/socket.io` as documented; some deployments use `/ext-socket.io`).
+    #[arg(long, default_value = "/socket.io")]
+    pub path: String,
+    /// Users as `token:uid` pairs, comma separated; uid must be a UUID.
+    #[arg(long, default_value = DEFAULT_TOKENS)]
+    pub tokens: String,
+    /// Seed of every random choice (ids, mutations, job events).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Live mutations per second (0 stops the generator).
+    #[arg(long, default_value_t = 5.0)]
+    pub rate: f64,
+    /// Initial number of nodes (over all users).
+    #[arg(long, default_value_t = 200)]
+    pub nodes: usize,
+    /// Initial number of links.
+    #[arg(long, default_value_t = 260)]
+    pub links: usize,
+    /// Load mode: pre-generate this many mutations, pushed as fast as possible on `POST /load/start`.
+    #[arg(long, default_value_t = 0)]
+    pub load: usize,
+    /// Job events per second sent to each connected job-API client.
+    #[arg(long, default_value_t = 2.0)]
+    pub jobs_rate: f64,
+    /// Every Nth job event is a malformed frame (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub jobs_malformed_every: u64,
+    /// Connect attempts allowed per IP per minute (documented: 10).
+    #[arg(long, default_value_t = 10)]
+    pub connect_per_ip: usize,
+    /// Connect attempts allowed per user per minute (documented: 20).
+    #[arg(long, default_value_t = 20)]
+    pub connect_per_user: usize,
+    /// Concurrent sessions allowed per user (documented: 10).
+    #[arg(long, default_value_t = 10)]
+    pub max_sessions: usize,
+    /// Reads allowed per user per event name in each read window (documented: 5).
+    #[arg(long, default_value_t = 5)]
+    pub read_limit: usize,
+    /// Length of the read window in milliseconds (documented: 10000).
+    #[arg(long, default_value_t = 10_000)]
+    pub read_window_ms: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1".into(),
+            port: 0,
+            jobs_port: 0,
+            path: "/socket.io".into(),
+            tokens: DEFAULT_TOKENS.into(),
+            seed: 1,
+            rate: 5.0,
+            nodes: 200,
+            links: 260,
+            load: 0,
+            jobs_rate: 2.0,
+            jobs_malformed_every: 0,
+            connect_per_ip: 10,
+            connect_per_user: 20,
+            max_sessions: 10,
+            read_limit: 5,
+            read_window_ms: 10_000,
+        }
+    }
+}
+
+/// Why the simulator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// `--tokens` is malformed.
+    #[error("invalid --tokens entry {0:?}: expected token:uuid")]
+    Tokens(String),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Parses `token:uid,token:uid` into users.
+pub fn parse_users(spec: &str) -> Result<Vec<User>, SimError> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+        .map(|(i, entry)| {
+            let (token, uid) = entry
+                .split_once(':')
+                .ok_or_else(|| SimError::Tokens(redact(entry)))?;
+            let uid = uuid::Uuid::parse_str(uid).map_err(|_| SimError::Tokens(redact(entry)))?;
+            Ok(User {
+                uid: uid.to_string(),
+                token: token.to_string(),
+                username: format!("user{}", i + 1),
+                email: format!("user{}@example.test", i + 1),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|u| {
+            if u.is_empty() {
+                Err(SimError::Tokens(String::new()))
+            } else {
+                Ok(u)
+            }
+        })
+}
+
+/// Keeps the uid part of a `token:uid` entry for error messages; the token never leaves.
+fn redact(entry: &str) -> String {
+    match entry.split_once(':') {
+        Some((_, uid)) => format!("<token>:{uid}"),
+        None => "<token without :uid>".to_string(),
+    }
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    /// Port of the Socket.IO API and HTTP routes.
+    pub port: u16,
+    /// Port of the job-event API.
+    pub jobs_port: u16,
+    /// Shared state, for in-process callers (the demo).
+    pub sim: Arc<Sim>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// `http://host:port` of the Socket.IO API.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits for every server task to end (after the shutdown token fires).
+    pub async fn join(self) {
+        for t in self.tasks {
+            t.await.ok();
+        }
+    }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, SimError> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| SimError::Bind { addr, source })
+}
+
+/// Builds the world, binds both ports and starts serving; returns once ready.
+pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHandle, SimError> {
+    let users = parse_users(&cfg.tokens)?;
+    let mut world = World::new(users.clone(), cfg.seed);
+    generator::build_initial(
+        &mut world,
+        InitialSize {
+            nodes: cfg.nodes,
+            links: cfg.links,
+        },
+    );
+    let mut load = Vec::with_capacity(cfg.load);
+    for _ in 0..cfg.load {
+        let applied = generator::step(&mut world);
+        // Serialising a serde_json::Value cannot fail: its keys are strings.
+        let raw = serde_json::value::to_raw_value(&applied.diff).unwrap_or_else(|_| empty_diff());
+        load.push((applied.owner, raw));
+    }
+    let limits = Limits {
+        connect_per_ip: cfg.connect_per_ip,
+        connect_per_user: cfg.connect_per_user,
+        connect_window: Duration::from_secs(60),
+        concurrent_per_user: cfg.max_sessions,
+        reads: cfg.read_limit,
+        read_window: Duration::from_millis(cfg.read_window_ms),
+    };
+    let sim = Sim::new(world, limits);
+    *lock(&sim.load) = load;
+
+    let api = bind(&cfg.bind, cfg.port).await?;
+    let jobs_listener = bind(&cfg.bind, cfg.jobs_port).await?;
+    let port = api.local_addr().map(|a| a.port()).unwrap_or(cfg.port);
+    let jobs_port = jobs_listener
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(cfg.jobs_port);
+
+    let app = sim.router(&cfg.path);
+    let jobs = jobs::JobsSim::new(jobs::JobsConfig {
+        tokens: users
+            .iter()
+            .map(|u| (u.token.clone(), u.uid.clone()))
+            .collect(),
+        seed: cfg.seed,
+        rate: cfg.jobs_rate,
+        ping_interval: Duration::from_secs(20),
+        pong_timeout: Duration::from_secs(20),
+        malformed_every: (cfg.jobs_malformed_every > 0).then_some(cfg.jobs_malformed_every),
+    });
+    let mut tasks = Vec::new();
+    let sd = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(api, svc)
+            .with_graceful_shutdown(sd.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "simulator API server stopped");
+        }
+    }));
+    let sd = shutdown.clone();
+    let jobs_app = jobs.router();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(jobs_listener, jobs_app)
+            .with_graceful_shutdown(sd.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "simulator job API server stopped");
+        }
+    }));
+    tasks.push(tokio::spawn(generate(sim.clone(), cfg.rate, shutdown)));
+    Ok(SimHandle {
+        port,
+        jobs_port,
+        sim,
+        tasks,
+    })
+}
+
+fn empty_diff() -> Box<RawValue> {
+    // A constant, valid JSON literal.
+    RawValue::from_string(r#"{"nodes":[],"links":[]}"#.to_string())
+        .unwrap_or_else(|_| unreachable!())
+}
+
+/// Runs `rate` mutations per second until shutdown, broadcasting each diff to its owner.
+async fn generate(sim: Arc<Sim>, rate: f64, shutdown: CancellationToken) {
+    if rate <= 0.0 || !rate.is_finite() {
+        return;
+    }
+    let tick = Duration::from_secs_f64((1.0 / rate).clamp(0.001, 0.01));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut credit = 0.0f64;
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let now = tokio::time::Instant::now();
+        credit = (credit + rate * (now - last).as_secs_f64()).min(rate.max(1.0));
+        last = now;
+        while credit >= 1.0 {
+            credit -= 1.0;
+            let applied = {
+                let mut w = lock(&sim.world);
+                if sim.paused.load(Ordering::SeqCst) {
+                    credit = 0.0;
+                    None
+                } else {
+                    Some(generator::step(&mut w))
+                }
+            };
+            if let Some(a) = applied {
+                sim.broadcast(a.owner, &a.diff);
+            }
+        }
+    }
+}
+
+/// `taskstream sim`: starts the simulator, prints one JSON line with its ports, serves until shutdown.
+pub async fn run(cfg: SimConfig, shutdown: CancellationToken) -> Result<(), SimError> {
+    let load = cfg.load;
+    let handle = start(cfg, shutdown).await?;
+    let ready = serde_json::json!({
+        "ready": true,
+        "port": handle.port,
+        "jobs_port": handle.jobs_port,
+        "url": handle.url(),
+        "load_events": load,
+    });
+    println!("{ready}");
+    tracing::info!(
+        port = handle.port,
+        jobs_port = handle.jobs_port,
+        "simulator ready"
+    );
+    handle.join().await;
+    Ok(())
+}

@@ -1,0 +1,1559 @@
+//! The simulator's ground truth: every user's graph, the rules that change it (versions,
+//! blocking cascades, trash and purge), the history batches those changes write, and the
+//! read queries (`graph:get`, `branch:get`, `history:page`) answered from it.
+//!
+//! Everything here is synchronous and deterministic for a given seed and call sequence;
+//! wall-clock time appears only in timestamps.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::model::{id_array, op, pascal_object, status, Link, Node, User};
+
+/// An error answered in an ack as `{ok:false, error, message, trace_id}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The namespaced error code, e.g. `bad_request.out_of_range`.
+    pub code: &'static str,
+    /// The human message.
+    pub message: &'static str,
+}
+
+impl ApiError {
+    const fn new(code: &'static str, message: &'static str) -> Self {
+        Self { code, message }
+    }
+}
+
+const OUT_OF_RANGE: ApiError =
+    ApiError::new("bad_request.out_of_range", "limit/offset out of range");
+const INVALID_SCOPE: ApiError = ApiError::new("bad_request.invalid_scope", "Scope not accessible");
+
+/// One op of a history batch, in the shape `history:page` returns.
+#[derive(Debug, Clone)]
+pub struct HistoryOp {
+    pub id: u64,
+    pub kind: u8,
+    pub entity_id: Uuid,
+    pub forward: Value,
+    pub inverse: Value,
+    pub guard_version: u64,
+    pub created_time: String,
+}
+
+/// One history batch: every op a single mutation wrote.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub id: Uuid,
+    /// Index of the acting user.
+    pub actor: usize,
+    /// Index of the graph owner whose sockets receive the diff.
+    pub owner: usize,
+    pub ts: String,
+    pub ops: Vec<HistoryOp>,
+    /// Branch roots the batch touched, before and after: its GRAPH history scopes.
+    pub roots: BTreeSet<Uuid>,
+    /// The mutation's name, e.g. `node:update`; for the truth only.
+    pub mutation: &'static str,
+}
+
+/// A status change of a node, caused by a client update or by a blocking cascade.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub node_id: Uuid,
+    pub from: u8,
+    pub to: u8,
+    /// The node version that carries the new status.
+    pub version: u64,
+    pub batch_id: Uuid,
+    pub op_id: u64,
+    pub ts: String,
+    /// `update` or `cascade`.
+    pub cause: &'static str,
+}
+
+/// What one applied mutation produced: the owner to notify and the `graph:diff` payload.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// Index of the graph owner.
+    pub owner: usize,
+    /// The flat `{nodes, links}` diff (DECISIONS #1, #2).
+    pub diff: Value,
+}
+
+/// How an entity shows up in a batch's diff.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum EntryKind {
+    Partial,
+    Full,
+    Trash,
+    Delete,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: Uuid,
+    kind: EntryKind,
+    fields: BTreeSet<&'static str>,
+    /// shareRoots captured before a trash or purge, when the entity is no longer in a branch.
+    pre_roots: Vec<Uuid>,
+    /// Version at the moment of a purge (the entity is gone afterwards).
+    deleted_version: u64,
+}
+
+/// A mutation in progress: it collects ops and diff entries, then becomes one batch.
+struct Tx {
+    batch_id: Uuid,
+    actor: usize,
+    owner: usize,
+    ts: String,
+    mutation: &'static str,
+    ops: Vec<HistoryOp>,
+    nodes: Vec<Entry>,
+    links: Vec<Entry>,
+    transitions: Vec<Transition>,
+}
+
+impl Tx {
+    fn entry(list: &mut Vec<Entry>, id: Uuid, kind: EntryKind) -> &mut Entry {
+        let pos = match list.iter().position(|e| e.id == id) {
+            Some(pos) => pos,
+            None => {
+                list.push(Entry {
+                    id,
+                    kind: EntryKind::Partial,
+                    fields: BTreeSet::new(),
+                    pre_roots: Vec::new(),
+                    deleted_version: 0,
+                });
+                list.len() - 1
+            }
+        };
+        let entry = &mut list[pos];
+        if kind > entry.kind {
+            entry.kind = kind;
+        }
+        entry
+    }
+}
+
+/// A set with O(1) insert, remove and uniform random pick, iterated in insertion-dependent but
+/// seed-deterministic order (unlike a `HashSet`).
+#[derive(Debug, Default, Clone)]
+pub struct PickSet {
+    items: Vec<Uuid>,
+    pos: HashMap<Uuid, usize>,
+}
+
+impl PickSet {
+    fn insert(&mut self, id: Uuid) {
+        if !self.pos.contains_key(&id) {
+            self.pos.insert(id, self.items.len());
+            self.items.push(id);
+        }
+    }
+    fn remove(&mut self, id: &Uuid) {
+        if let Some(i) = self.pos.remove(id) {
+            let last = self.items.len() - 1;
+            self.items.swap(i, last);
+            self.items.pop();
+            if i < self.items.len() {
+                self.pos.insert(self.items[i], i);
+            }
+        }
+    }
+    /// A uniformly chosen member, if any.
+    pub fn pick(&self, rng: &mut impl Rng) -> Option<Uuid> {
+        if self.items.is_empty() {
+            None
+        } else {
+            Some(self.items[rng.gen_range(0..self.items.len())])
+        }
+    }
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Per-owner indexes the generator picks from.
+#[derive(Debug, Default, Clone)]
+pub struct OwnerSets {
+    pub active_nodes: PickSet,
+    pub trashed_nodes: PickSet,
+    pub active_links: PickSet,
+    pub trashed_links: PickSet,
+}
+
+/// Counters of what the world has done, for `/truth`.
+#[derive(Debug, Default, Clone)]
+pub struct WorldStats {
+    pub mutations: u64,
+    pub ops: u64,
+}
+
+/// The whole simulated service state.
+pub struct World {
+    pub users: Vec<User>,
+    nodes: HashMap<Uuid, Node>,
+    links: HashMap<Uuid, Link>,
+    /// Link ids by source node (the node's parents).
+    out_links: HashMap<Uuid, BTreeSet<Uuid>>,
+    /// Link ids by target node (the node's children).
+    in_links: HashMap<Uuid, BTreeSet<Uuid>>,
+    /// Unordered node pairs joined by a link, trashed or not.
+    pairs: HashSet<(Uuid, Uuid)>,
+    pub sets: Vec<OwnerSets>,
+    deleted_nodes: Vec<(Uuid, u64, usize)>,
+    deleted_links: Vec<(Uuid, u64, usize)>,
+    batches: Vec<Batch>,
+    transitions: Vec<Transition>,
+    next_op_id: u64,
+    next_seq: u64,
+    /// The one random source; everything seeded flows from it.
+    pub rng: ChaCha8Rng,
+    pub stats: WorldStats,
+}
+
+/// Current UTC time in the API's format: RFC 3339, second precision, `Z` (DECISIONS #16).
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn pair(a: Uuid, b: Uuid) -> (Uuid, Uuid) {
+    if a < b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// Fields a new node is created with; the rest take defaults.
+#[derive(Debug, Clone)]
+pub struct NewNode {
+    pub title: String,
+    pub description: String,
+    pub status: u8,
+    pub due_date: Option<String>,
+    pub tags: Vec<String>,
+    pub priority: u8,
+    pub independent: bool,
+    pub volume: u8,
+    pub assignee: Vec<String>,
+}
+
+/// A partial node update, as `node:update` takes it; `None` keeps the field.
+#[derive(Debug, Clone, Default)]
+pub struct NodePatch {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub priority: Option<u8>,
+    pub assignee: Option<Vec<String>>,
+    pub status: Option<u8>,
+}
+
+impl World {
+    /// An empty world for these users, seeded.
+    pub fn new(users: Vec<User>, seed: u64) -> Self {
+        let sets = vec![OwnerSets::default(); users.len()];
+        Self {
+            users,
+            nodes: HashMap::new(),
+            links: HashMap::new(),
+            out_links: HashMap::new(),
+            in_links: HashMap::new(),
+            pairs: HashSet::new(),
+            sets,
+            deleted_nodes: Vec::new(),
+            deleted_links: Vec::new(),
+            batches: Vec::new(),
+            transitions: Vec::new(),
+            next_op_id: 1,
+            next_seq: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            stats: WorldStats::default(),
+        }
+    }
+
+    /// A fresh uuid v4 drawn from the seeded generator.
+    pub fn new_uuid(&mut self) -> Uuid {
+        let mut bytes = [0u8; 16];
+        self.rng.fill_bytes(&mut bytes);
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    }
+
+    /// The user a bearer token belongs to.
+    pub fn user_by_token(&self, token: &str) -> Option<usize> {
+        self.users.iter().position(|u| u.token == token)
+    }
+
+    /// The user with this uid.
+    pub fn user_by_uid(&self, uid: &str) -> Option<usize> {
+        self.users.iter().position(|u| u.uid == uid)
+    }
+
+    /// A node by id (trashed included, purged excluded).
+    pub fn node(&self, id: &Uuid) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    /// A link by id (trashed included, purged excluded).
+    pub fn link(&self, id: &Uuid) -> Option<&Link> {
+        self.links.get(id)
+    }
+
+    /// Number of history batches written so far.
+    pub fn batch_count(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn node_active(&self, id: &Uuid) -> bool {
+        self.nodes.get(id).is_some_and(|n| !n.in_trash)
+    }
+
+    fn link_active(&self, l: &Link) -> bool {
+        !l.in_trash && self.node_active(&l.source) && self.node_active(&l.target)
+    }
+
+    /// Branch roots through which a node is visible: the nodes with no active parent link
+    /// reached by walking active links from child to parent. A node without parents is its own root.
+    pub fn roots_of(&self, id: Uuid, memo: &mut HashMap<Uuid, Vec<Uuid>>) -> Vec<Uuid> {
+        if let Some(r) = memo.get(&id) {
+            return r.clone();
+        }
+        // An explicit stack keeps deep chains from overflowing the thread stack.
+        let mut stack = vec![(id, false)];
+        while let Some((n, expanded)) = stack.pop() {
+            if memo.contains_key(&n) {
+                continue;
+            }
+            let parents: Vec<Uuid> = self
+                .out_links
+                .get(&n)
+                .into_iter()
+                .flatten()
+                .filter_map(|lid| self.links.get(lid))
+                .filter(|l| self.link_active(l))
+                .map(|l| l.target)
+                .collect();
+            if parents.is_empty() {
+                memo.insert(n, vec![n]);
+            } else if expanded {
+                let mut set = BTreeSet::new();
+                for p in &parents {
+                    if let Some(r) = memo.get(p) {
+                        set.extend(r.iter().copied());
+                    }
+                }
+                memo.insert(n, set.into_iter().collect());
+            } else {
+                stack.push((n, true));
+                for p in parents {
+                    if !memo.contains_key(&p) {
+                        stack.push((p, false));
+                    }
+                }
+            }
+        }
+        memo.get(&id).cloned().unwrap_or_else(|| vec![id])
+    }
+
+    fn link_roots(&self, l: &Link, memo: &mut HashMap<Uuid, Vec<Uuid>>) -> Vec<Uuid> {
+        self.roots_of(l.target, memo)
+    }
+
+    // ----- transactions -----
+
+    fn begin(&mut self, actor: usize, owner: usize, mutation: &'static str) -> Tx {
+        Tx {
+            batch_id: self.new_uuid(),
+            actor,
+            owner,
+            ts: now_rfc3339(),
+            mutation,
+            ops: Vec::new(),
+            nodes: Vec::new(),
+            links: Vec::new(),
+            transitions: Vec::new(),
+        }
+    }
+
+    fn push_op(
+        &mut self,
+        tx: &mut Tx,
+        kind: u8,
+        entity: Uuid,
+        forward: Map<String, Value>,
+        inverse: Map<String, Value>,
+        guard: u64,
+    ) -> u64 {
+        let id = self.next_op_id;
+        self.next_op_id += 1;
+        tx.ops.push(HistoryOp {
+            id,
+            kind,
+            entity_id: entity,
+            forward: pascal_object(&forward),
+            inverse: pascal_object(&inverse),
+            guard_version: guard,
+            created_time: tx.ts.clone(),
+        });
+        id
+    }
+
+    /// Records an op that changed `fields` of a node (already applied in place), bumping its version.
+    fn node_op(
+        &mut self,
+        tx: &mut Tx,
+        id: Uuid,
+        kind: u8,
+        fields: &[(&'static str, Value)],
+    ) -> u64 {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return 0;
+        };
+        let guard = node.version;
+        node.version += 1;
+        node.last_edited_time = tx.ts.clone();
+        node.last_batch = tx.batch_id;
+        let mut forward = Map::new();
+        let mut inverse = Map::new();
+        for (name, old) in fields {
+            forward.insert((*name).to_string(), node.field(name));
+            inverse.insert((*name).to_string(), old.clone());
+        }
+        forward.insert("version".into(), json!(node.version));
+        inverse.insert("version".into(), json!(guard));
+        let entry = Tx::entry(&mut tx.nodes, id, EntryKind::Partial);
+        entry.fields.extend(fields.iter().map(|(n, _)| *n));
+        self.push_op(tx, kind, id, forward, inverse, guard)
+    }
+
+    fn link_op(
+        &mut self,
+        tx: &mut Tx,
+        id: Uuid,
+        kind: u8,
+        fields: &[(&'static str, Value)],
+    ) -> u64 {
+        let Some(link) = self.links.get_mut(&id) else {
+            return 0;
+        };
+        let guard = link.version;
+        link.version += 1;
+        link.last_edited_time = tx.ts.clone();
+        link.last_batch = tx.batch_id;
+        let mut forward = Map::new();
+        let mut inverse = Map::new();
+        for (name, old) in fields {
+            forward.insert((*name).to_string(), link.field(name));
+            inverse.insert((*name).to_string(), old.clone());
+        }
+        forward.insert("version".into(), json!(link.version));
+        inverse.insert("version".into(), json!(guard));
+        let entry = Tx::entry(&mut tx.links, id, EntryKind::Partial);
+        entry.fields.extend(fields.iter().map(|(n, _)| *n));
+        self.push_op(tx, kind, id, forward, inverse, guard)
+    }
+
+    fn set_status(&mut self, tx: &mut Tx, id: Uuid, to: u8, cause: &'static str) {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let from = node.status;
+        if from == to {
+            return;
+        }
+        node.status = to;
+        let op_id = self.node_op(tx, id, op::NODE_STATUS, &[("status", json!(from))]);
+        let version = self.nodes.get(&id).map_or(0, |n| n.version);
+        tx.transitions.push(Transition {
+            node_id: id,
+            from,
+            to,
+            version,
+            batch_id: tx.batch_id,
+            op_id,
+            ts: tx.ts.clone(),
+            cause,
+        });
+    }
+
+    /// Active parents of a node through primary links: the nodes its completion can block.
+    fn primary_parents(&self, id: &Uuid) -> Vec<Uuid> {
+        self.out_links
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|lid| self.links.get(lid))
+            .filter(|l| l.kind == 0 && self.link_active(l))
+            .map(|l| l.target)
+            .collect()
+    }
+
+    /// Re-applies the blocking rules from the given nodes upwards (facts §3, DECISIONS #10):
+    /// a node with an unfinished child on an active primary link is Blocked; once it is not,
+    /// it goes back to Available. `wasBlocker` follows the same walk.
+    fn cascade(&mut self, tx: &mut Tx, start: Vec<Uuid>) {
+        let mut work: Vec<Uuid> = start;
+        let mut guard = 0usize;
+        while let Some(id) = work.pop() {
+            guard += 1;
+            if guard > 1_000_000 {
+                tracing::error!("blocking cascade did not settle; the graph has a cycle");
+                break;
+            }
+            let Some(node) = self.nodes.get(&id) else {
+                continue;
+            };
+            if node.in_trash {
+                continue;
+            }
+            let independent = node.independent;
+            let status_now = node.status;
+            let child_links: Vec<Uuid> = self
+                .in_links
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            let mut blocked = false;
+            for lid in child_links {
+                let Some(l) = self.links.get(&lid) else {
+                    continue;
+                };
+                if !self.link_active(l) {
+                    continue;
+                }
+                let source_status = self
+                    .nodes
+                    .get(&l.source)
+                    .map_or(status::COMPLETED, |n| n.status);
+                let blocking = l.kind == 0 && source_status != status::COMPLETED && !independent;
+                blocked |= blocking;
+                let was = l.was_blocker;
+                let want = if l.kind != 0 || source_status == status::COMPLETED {
+                    false
+                } else {
+                    was || blocking
+                };
+                if want != was {
+                    if let Some(lm) = self.links.get_mut(&lid) {
+                        lm.was_blocker = want;
+                    }
+                    self.link_op(tx, lid, op::LINK_UPDATE, &[("wasBlocker", json!(was))]);
+                }
+            }
+            let target = if blocked {
+                status::BLOCKED
+            } else if status_now == status::BLOCKED {
+                status::AVAILABLE
+            } else {
+                status_now
+            };
+            if target != status_now {
+                self.set_status(tx, id, target, "cascade");
+                // Parents only care whether this node is Completed.
+                if (status_now == status::COMPLETED) != (target == status::COMPLETED) {
+                    work.extend(self.primary_parents(&id));
+                }
+            }
+        }
+    }
+
+    /// Turns the transaction into a batch and a diff, and records it.
+    fn commit(&mut self, tx: Tx) -> Applied {
+        let mut memo = HashMap::new();
+        let mut roots: BTreeSet<Uuid> = BTreeSet::new();
+        let mut nodes_out = Vec::with_capacity(tx.nodes.len());
+        for e in &tx.nodes {
+            let value = match e.kind {
+                EntryKind::Delete => {
+                    roots.extend(e.pre_roots.iter().copied());
+                    json!({"id": e.id.to_string(), "deleted": true, "shareRoots": id_array(&e.pre_roots)})
+                }
+                EntryKind::Trash => {
+                    roots.extend(e.pre_roots.iter().copied());
+                    let n = &self.nodes[&e.id];
+                    json!({"id": e.id.to_string(), "inTrash": true, "version": n.version,
+                           "lastEditedTime": n.last_edited_time, "shareRoots": id_array(&e.pre_roots)})
+                }
+                EntryKind::Full => {
+                    let r = self.roots_of(e.id, &mut memo);
+                    roots.extend(r.iter().copied());
+                    let n = &self.nodes[&e.id];
+                    n.api_json(&self.users[n.owner], &r)
+                }
+                EntryKind::Partial => {
+                    let r = self.roots_of(e.id, &mut memo);
+                    roots.extend(r.iter().copied());
+                    let n = &self.nodes[&e.id];
+                    let mut m = Map::new();
+                    m.insert("id".into(), json!(e.id.to_string()));
+                    for f in &e.fields {
+                        m.insert((*f).to_string(), n.field(f));
+                    }
+                    m.insert("version".into(), json!(n.version));
+                    m.insert("lastEditedTime".into(), json!(n.last_edited_time));
+                    m.insert("shareRoots".into(), id_array(&r));
+                    Value::Object(m)
+                }
+            };
+            nodes_out.push(value);
+        }
+        let mut links_out = Vec::with_capacity(tx.links.len());
+        for e in &tx.links {
+            let value = match e.kind {
+                EntryKind::Delete => {
+                    roots.extend(e.pre_roots.iter().copied());
+                    json!({"id": e.id.to_string(), "deleted": true, "shareRoots": id_array(&e.pre_roots)})
+                }
+                EntryKind::Trash => {
+                    roots.extend(e.pre_roots.iter().copied());
+                    let l = &self.links[&e.id];
+                    json!({"id": e.id.to_string(), "inTrash": true, "version": l.version,
+                           "lastEditedTime": l.last_edited_time, "shareRoots": id_array(&e.pre_roots)})
+                }
+                EntryKind::Full => {
+                    let l = &self.links[&e.id];
+                    let r = self.link_roots(l, &mut memo);
+                    roots.extend(r.iter().copied());
+                    l.full_json(&r)
+                }
+                EntryKind::Partial => {
+                    let l = &self.links[&e.id];
+                    let r = self.link_roots(l, &mut memo);
+                    roots.extend(r.iter().copied());
+                    let mut m = Map::new();
+                    m.insert("id".into(), json!(e.id.to_string()));
+                    for f in &e.fields {
+                        m.insert((*f).to_string(), l.field(f));
+                    }
+                    m.insert("version".into(), json!(l.version));
+                    m.insert("lastEditedTime".into(), json!(l.last_edited_time));
+                    m.insert("shareRoots".into(), id_array(&r));
+                    Value::Object(m)
+                }
+            };
+            links_out.push(value);
+        }
+        self.stats.mutations += 1;
+        self.stats.ops += tx.ops.len() as u64;
+        self.transitions.extend(tx.transitions);
+        self.batches.push(Batch {
+            id: tx.batch_id,
+            actor: tx.actor,
+            owner: tx.owner,
+            ts: tx.ts,
+            ops: tx.ops,
+            roots,
+            mutation: tx.mutation,
+        });
+        Applied {
+            owner: tx.owner,
+            diff: json!({"nodes": nodes_out, "links": links_out}),
+        }
+    }
+
+    // ----- mutations -----
+
+    /// `node:add`: a new node, optionally under `parent` with a link of `link_kind`.
+    pub fn add_node(&mut self, owner: usize, new: NewNode, parent: Option<(Uuid, u8)>) -> Applied {
+        let mut tx = self.begin(owner, owner, "node:add");
+        let id = self.new_uuid();
+        let (x, y, z) = (
+            self.rng.gen_range(-500.0..500.0_f64).round(),
+            self.rng.gen_range(-500.0..500.0_f64).round(),
+            0.0,
+        );
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let node = Node {
+            id,
+            owner,
+            seq,
+            title: new.title,
+            description: new.description,
+            status: new.status,
+            due_date: new.due_date,
+            kind: 0,
+            tags: new.tags,
+            priority: new.priority,
+            independent: new.independent,
+            volume: new.volume,
+            version: 1,
+            assignee: new.assignee,
+            created_time: tx.ts.clone(),
+            last_edited_time: tx.ts.clone(),
+            public_token: None,
+            public_due: None,
+            public_branch: false,
+            x,
+            y,
+            z,
+            pinned: false,
+            collapsed: false,
+            in_trash: false,
+            last_batch: tx.batch_id,
+        };
+        let mut forward = Map::new();
+        if let Value::Object(m) = node.api_json(&self.users[owner], &[]) {
+            forward = m;
+            forward.remove("shareRoots");
+            forward.remove("access");
+        }
+        self.nodes.insert(id, node);
+        self.sets[owner].active_nodes.insert(id);
+        // A new entity has version 1 (DECISIONS #11); its guard is the version before it existed.
+        self.push_op(&mut tx, op::NODE_ADD, id, forward, Map::new(), 0);
+        Tx::entry(&mut tx.nodes, id, EntryKind::Full);
+        if let Some((target, kind)) = parent {
+            if self.node_active(&target) && target != id {
+                self.insert_link(&mut tx, owner, id, target, kind);
+                self.cascade(&mut tx, vec![target]);
+            }
+        }
+        self.commit(tx)
+    }
+
+    fn insert_link(
+        &mut self,
+        tx: &mut Tx,
+        owner: usize,
+        source: Uuid,
+        target: Uuid,
+        kind: u8,
+    ) -> Uuid {
+        let id = self.new_uuid();
+        let link = Link {
+            id,
+            owner,
+            source,
+            target,
+            kind,
+            private: false,
+            was_blocker: false,
+            in_trash: false,
+            version: 1,
+            created_time: tx.ts.clone(),
+            last_edited_time: tx.ts.clone(),
+            last_batch: tx.batch_id,
+        };
+        let mut forward = Map::new();
+        if let Value::Object(m) = link.full_json(&[]) {
+            forward = m;
+            forward.remove("shareRoots");
+        }
+        self.links.insert(id, link);
+        self.out_links.entry(source).or_default().insert(id);
+        self.in_links.entry(target).or_default().insert(id);
+        self.pairs.insert(pair(source, target));
+        self.sets[owner].active_links.insert(id);
+        self.push_op(tx, op::LINK_ADD, id, forward, Map::new(), 0);
+        Tx::entry(&mut tx.links, id, EntryKind::Full);
+        id
+    }
+
+    /// Whether a new link between these two nodes is allowed: both active, same owner, distinct,
+    /// not already joined. Returns them ordered (newer child, older parent) so the graph stays acyclic.
+    pub fn link_candidate(&self, a: Uuid, b: Uuid) -> Option<(Uuid, Uuid)> {
+        let (na, nb) = (self.nodes.get(&a)?, self.nodes.get(&b)?);
+        if a == b
+            || na.in_trash
+            || nb.in_trash
+            || na.owner != nb.owner
+            || self.pairs.contains(&pair(a, b))
+        {
+            return None;
+        }
+        if na.seq > nb.seq {
+            Some((a, b))
+        } else {
+            Some((b, a))
+        }
+    }
+
+    /// `link:add` between an existing child (`source`) and parent (`target`).
+    pub fn add_link(&mut self, source: Uuid, target: Uuid, kind: u8) -> Option<Applied> {
+        let (s, t) = self.link_candidate(source, target)?;
+        let owner = self.nodes[&s].owner;
+        let mut tx = self.begin(owner, owner, "link:add");
+        self.insert_link(&mut tx, owner, s, t, kind);
+        self.cascade(&mut tx, vec![t]);
+        Some(self.commit(tx))
+    }
+
+    /// `node:update` with a partial patch; a status change is its own op (facts §3).
+    pub fn update_node(&mut self, id: Uuid, patch: NodePatch) -> Option<Applied> {
+        let node = self.nodes.get(&id)?;
+        if node.in_trash {
+            return None;
+        }
+        let owner = node.owner;
+        let mut tx = self.begin(owner, owner, "node:update");
+        let mut changed: Vec<(&'static str, Value)> = Vec::new();
+        {
+            let n = self.nodes.get_mut(&id)?;
+            if let Some(v) = patch.title {
+                if v != n.title {
+                    changed.push(("title", json!(std::mem::replace(&mut n.title, v))));
+                }
+            }
+            if let Some(v) = patch.description {
+                if v != n.description {
+                    changed.push((
+                        "description",
+                        json!(std::mem::replace(&mut n.description, v)),
+                    ));
+                }
+            }
+            if let Some(v) = patch.tags {
+                if v != n.tags {
+                    changed.push(("tags", json!(std::mem::replace(&mut n.tags, v))));
+                }
+            }
+            if let Some(v) = patch.priority {
+                if v != n.priority {
+                    changed.push(("priority", json!(std::mem::replace(&mut n.priority, v))));
+                }
+            }
+            if let Some(v) = patch.assignee {
+                if v != n.assignee {
+                    changed.push(("assignee", json!(std::mem::replace(&mut n.assignee, v))));
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.node_op(&mut tx, id, op::NODE_UPDATE, &changed);
+        }
+        let mut status_changed = false;
+        if let Some(to) = patch.status {
+            let from = self.nodes[&id].status;
+            // Blocked can be neither set nor left by a client (`status_blocked`, `node_blocked`).
+            if to != status::BLOCKED && from != status::BLOCKED && to != from {
+                self.set_status(&mut tx, id, to, "update");
+                status_changed = (from == status::COMPLETED) != (to == status::COMPLETED);
+            }
+        }
+        if tx.ops.is_empty() {
+            return None;
+        }
+        if status_changed {
+            let parents = self.primary_parents(&id);
+            self.cascade(&mut tx, parents);
+        }
+        Some(self.commit(tx))
+    }
+
+    fn trash_link_in(&mut self, tx: &mut Tx, lid: Uuid, memo: &mut HashMap<Uuid, Vec<Uuid>>) {
+        let Some(l) = self.links.get(&lid) else {
+            return;
+        };
+        if l.in_trash {
+            return;
+        }
+        let pre = self.link_roots(l, memo);
+        let owner = l.owner;
+        if let Some(lm) = self.links.get_mut(&lid) {
+            lm.in_trash = true;
+        }
+        self.sets[owner].active_links.remove(&lid);
+        self.sets[owner].trashed_links.insert(lid);
+        self.link_op(tx, lid, op::LINK_TRASH, &[("inTrash", json!(false))]);
+        let e = Tx::entry(&mut tx.links, lid, EntryKind::Trash);
+        e.pre_roots = pre;
+    }
+
+    /// `node:trash`: the node and every active link touching it go to trash.
+    pub fn trash_node(&mut self, id: Uuid) -> Option<Applied> {
+        let node = self.nodes.get(&id)?;
+        if node.in_trash {
+            return None;
+        }
+        let owner = node.owner;
+        let mut tx = self.begin(owner, owner, "node:trash");
+        let mut memo = HashMap::new();
+        let pre = self.roots_of(id, &mut memo);
+        let parents: Vec<Uuid> = self.primary_parents(&id);
+        let touching: Vec<Uuid> = self
+            .out_links
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .chain(self.in_links.get(&id).into_iter().flatten())
+            .copied()
+            .collect();
+        for lid in touching {
+            self.trash_link_in(&mut tx, lid, &mut memo);
+        }
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.in_trash = true;
+        }
+        self.sets[owner].active_nodes.remove(&id);
+        self.sets[owner].trashed_nodes.insert(id);
+        self.node_op(&mut tx, id, op::NODE_TRASH, &[("inTrash", json!(false))]);
+        Tx::entry(&mut tx.nodes, id, EntryKind::Trash).pre_roots = pre;
+        self.cascade(&mut tx, parents);
+        Some(self.commit(tx))
+    }
+
+    /// `node:restore`: the node and the links trashed with it (same batch) whose other end is active.
+    pub fn restore_node(&mut self, id: Uuid) -> Option<Applied> {
+        let node = self.nodes.get(&id)?;
+        if !node.in_trash {
+            return None;
+        }
+        let owner = node.owner;
+        let trash_batch = node.last_batch;
+        let mut tx = self.begin(owner, owner, "node:restore");
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.in_trash = false;
+        }
+        self.sets[owner].trashed_nodes.remove(&id);
+        self.sets[owner].active_nodes.insert(id);
+        self.node_op(&mut tx, id, op::NODE_RESTORE, &[("inTrash", json!(true))]);
+        Tx::entry(&mut tx.nodes, id, EntryKind::Full);
+        let touching: Vec<Uuid> = self
+            .out_links
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .chain(self.in_links.get(&id).into_iter().flatten())
+            .copied()
+            .collect();
+        let mut affected = vec![id];
+        for lid in touching {
+            let Some(l) = self.links.get(&lid) else {
+                continue;
+            };
+            let other = if l.source == id { l.target } else { l.source };
+            if l.in_trash && l.last_batch == trash_batch && self.node_active(&other) {
+                affected.push(l.target);
+                self.restore_link_in(&mut tx, lid);
+            }
+        }
+        affected.extend(self.primary_parents(&id));
+        self.cascade(&mut tx, affected);
+        Some(self.commit(tx))
+    }
+
+    fn restore_link_in(&mut self, tx: &mut Tx, lid: Uuid) {
+        let Some(lm) = self.links.get_mut(&lid) else {
+            return;
+        };
+        lm.in_trash = false;
+        let owner = lm.owner;
+        self.sets[owner].trashed_links.remove(&lid);
+        self.sets[owner].active_links.insert(lid);
+        self.link_op(tx, lid, op::LINK_RESTORE, &[("inTrash", json!(true))]);
+        Tx::entry(&mut tx.links, lid, EntryKind::Full);
+    }
+
+    fn purge_link_in(&mut self, tx: &mut Tx, lid: Uuid, memo: &mut HashMap<Uuid, Vec<Uuid>>) {
+        let Some(l) = self.links.get(&lid) else {
+            return;
+        };
+        let pre = self.link_roots(l, memo);
+        let (owner, source, target, guard) = (l.owner, l.source, l.target, l.version);
+        let mut inverse = Map::new();
+        if let Value::Object(m) = l.full_json(&[]) {
+            inverse = m;
+            inverse.remove("shareRoots");
+        }
+        self.links.remove(&lid);
+        if let Some(s) = self.out_links.get_mut(&source) {
+            s.remove(&lid);
+        }
+        if let Some(s) = self.in_links.get_mut(&target) {
+            s.remove(&lid);
+        }
+        self.pairs.remove(&pair(source, target));
+        self.sets[owner].active_links.remove(&lid);
+        self.sets[owner].trashed_links.remove(&lid);
+        // A purge is an op on the entity too, so it takes the next version (DECISIONS #11).
+        self.deleted_links.push((lid, guard + 1, owner));
+        let mut forward = Map::new();
+        forward.insert("deleted".into(), json!(true));
+        forward.insert("version".into(), json!(guard + 1));
+        self.push_op(tx, op::LINK_DELETE, lid, forward, inverse, guard);
+        let e = Tx::entry(&mut tx.links, lid, EntryKind::Delete);
+        e.pre_roots = pre;
+        e.deleted_version = guard + 1;
+    }
+
+    /// `node:delete`: purges a trashed node and every link touching it.
+    pub fn delete_node(&mut self, id: Uuid) -> Option<Applied> {
+        let node = self.nodes.get(&id)?;
+        if !node.in_trash {
+            return None; // cant_delete_active_node
+        }
+        let owner = node.owner;
+        let mut tx = self.begin(owner, owner, "node:delete");
+        let mut memo = HashMap::new();
+        let pre = self.roots_of(id, &mut memo);
+        let touching: Vec<Uuid> = self
+            .out_links
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .chain(self.in_links.get(&id).into_iter().flatten())
+            .copied()
+            .collect();
+        let mut affected = Vec::new();
+        for lid in touching {
+            if let Some(l) = self.links.get(&lid) {
+                if !l.in_trash {
+                    affected.push(l.target);
+                }
+            }
+            self.purge_link_in(&mut tx, lid, &mut memo);
+        }
+        let Some(node) = self.nodes.remove(&id) else {
+            return None;
+        };
+        self.out_links.remove(&id);
+        self.in_links.remove(&id);
+        self.sets[owner].trashed_nodes.remove(&id);
+        self.sets[owner].active_nodes.remove(&id);
+        self.deleted_nodes.push((id, node.version + 1, owner));
+        let mut inverse = Map::new();
+        if let Value::Object(m) = node.api_json(&self.users[owner], &[]) {
+            inverse = m;
+            inverse.remove("shareRoots");
+            inverse.remove("access");
+        }
+        let mut forward = Map::new();
+        forward.insert("deleted".into(), json!(true));
+        forward.insert("version".into(), json!(node.version + 1));
+        self.push_op(&mut tx, op::NODE_DELETE, id, forward, inverse, node.version);
+        let e = Tx::entry(&mut tx.nodes, id, EntryKind::Delete);
+        e.pre_roots = pre;
+        e.deleted_version = node.version + 1;
+        self.cascade(&mut tx, affected);
+        Some(self.commit(tx))
+    }
+
+    /// `link:update`: changes the type (0 primary, 1 secondary) of an active link.
+    pub fn update_link_type(&mut self, lid: Uuid, kind: u8) -> Option<Applied> {
+        let l = self.links.get(&lid)?;
+        if !self.link_active(l) || l.kind == kind {
+            return None;
+        }
+        let (owner, target, old) = (l.owner, l.target, l.kind);
+        let mut tx = self.begin(owner, owner, "link:update");
+        if let Some(lm) = self.links.get_mut(&lid) {
+            lm.kind = kind;
+        }
+        self.link_op(&mut tx, lid, op::LINK_TYPE, &[("type", json!(old))]);
+        self.cascade(&mut tx, vec![target]);
+        Some(self.commit(tx))
+    }
+
+    /// `link:trash` of an active link.
+    pub fn trash_link(&mut self, lid: Uuid) -> Option<Applied> {
+        let l = self.links.get(&lid)?;
+        if l.in_trash {
+            return None;
+        }
+        let (owner, target) = (l.owner, l.target);
+        let mut tx = self.begin(owner, owner, "link:trash");
+        let mut memo = HashMap::new();
+        self.trash_link_in(&mut tx, lid, &mut memo);
+        self.cascade(&mut tx, vec![target]);
+        Some(self.commit(tx))
+    }
+
+    /// `link:restore` of a trashed link whose two ends are active.
+    pub fn restore_link(&mut self, lid: Uuid) -> Option<Applied> {
+        let l = self.links.get(&lid)?;
+        if !l.in_trash || !self.node_active(&l.source) || !self.node_active(&l.target) {
+            return None;
+        }
+        let (owner, target) = (l.owner, l.target);
+        let mut tx = self.begin(owner, owner, "link:restore");
+        self.restore_link_in(&mut tx, lid);
+        self.cascade(&mut tx, vec![target]);
+        Some(self.commit(tx))
+    }
+
+    /// `link:delete`: purges a trashed link.
+    pub fn delete_link(&mut self, lid: Uuid) -> Option<Applied> {
+        let l = self.links.get(&lid)?;
+        if !l.in_trash {
+            return None;
+        }
+        let owner = l.owner;
+        let mut tx = self.begin(owner, owner, "link:delete");
+        let mut memo = HashMap::new();
+        self.purge_link_in(&mut tx, lid, &mut memo);
+        Some(self.commit(tx))
+    }
+
+    /// `node:publish`: gives the node a public token; `branch` decides whether the token opens
+    /// the whole branch or the root alone.
+    pub fn publish_node(&mut self, id: Uuid, branch: bool) -> Option<Applied> {
+        let node = self.nodes.get(&id)?;
+        if node.in_trash {
+            return None;
+        }
+        let owner = node.owner;
+        let mut tx = self.begin(owner, owner, "node:publish");
+        const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+        let token: String = (0..10)
+            .map(|_| ALPHABET[self.rng.gen_range(0..ALPHABET.len())] as char)
+            .collect();
+        let n = self.nodes.get_mut(&id)?;
+        let old_token = json!(n.public_token);
+        let old_branch = json!(n.public_branch);
+        n.public_token = Some(token);
+        n.public_branch = branch;
+        self.node_op(
+            &mut tx,
+            id,
+            op::NODE_PUBLISH,
+            &[("publicToken", old_token), ("publicBranch", old_branch)],
+        );
+        Some(self.commit(tx))
+    }
+
+    // ----- reads -----
+
+    /// Visible, non-trashed nodes of a user in page order (createdTime, then id: DECISIONS #6).
+    fn page_nodes<'a>(&'a self, ids: impl Iterator<Item = &'a Node>) -> Vec<&'a Node> {
+        let mut v: Vec<&Node> = ids.filter(|n| !n.in_trash).collect();
+        v.sort_by(|a, b| a.created_time.cmp(&b.created_time).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    fn page_links<'a>(&'a self, ids: impl Iterator<Item = &'a Link>) -> Vec<&'a Link> {
+        let mut v: Vec<&Link> = ids.filter(|l| self.link_active(l)).collect();
+        v.sort_by(|a, b| a.created_time.cmp(&b.created_time).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// One page over the list "all nodes, then all links" (DECISIONS #6).
+    fn page(&self, nodes: &[&Node], links: &[&Link], limit: usize, offset: usize) -> Value {
+        let total = nodes.len() + links.len();
+        let end = offset.saturating_add(limit).min(total);
+        let mut memo = HashMap::new();
+        let mut nodes_out = Vec::new();
+        let mut links_out = Vec::new();
+        for i in offset.min(total)..end {
+            if i < nodes.len() {
+                let n = nodes[i];
+                let roots = self.roots_of(n.id, &mut memo);
+                nodes_out.push(n.api_json(&self.users[n.owner], &roots));
+            } else {
+                links_out.push(links[i - nodes.len()].api_json());
+            }
+        }
+        json!({"ok": true, "hasMore": end < total, "nodes": nodes_out, "links": links_out})
+    }
+
+    /// `graph:get`: the caller's whole graph, paged.
+    pub fn graph_page(&self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 5000)?;
+        let nodes = self.page_nodes(self.nodes.values().filter(|n| n.owner == user));
+        let links = self.page_links(self.links.values().filter(|l| l.owner == user));
+        Ok(self.page(&nodes, &links, limit, offset))
+    }
+
+    /// `branch:get`: the branch under `root` (a node id visible to the caller, or a public token).
+    pub fn branch_page(
+        &self,
+        user: usize,
+        root: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 5000)?;
+        let root_node = match Uuid::parse_str(root) {
+            Ok(id) => match self.nodes.get(&id) {
+                Some(n) if n.owner == user && !n.in_trash => n,
+                _ => return Err(ApiError::new("not_found.node_not_found", "Node not found")),
+            },
+            Err(_) => match self
+                .nodes
+                .values()
+                .find(|n| !n.in_trash && n.public_token.as_deref() == Some(root))
+            {
+                Some(n) => n,
+                None => {
+                    return Err(ApiError::new(
+                        "bad_request.branch_not_found",
+                        "Branch not found",
+                    ))
+                }
+            },
+        };
+        let by_token = root_node.owner != user || Uuid::parse_str(root).is_err();
+        let mut members: BTreeSet<Uuid> = BTreeSet::new();
+        members.insert(root_node.id);
+        if !(by_token && !root_node.public_branch) {
+            // Descendants are the sources that point at a node (facts §2.2, DECISIONS #15).
+            let mut stack = vec![root_node.id];
+            while let Some(n) = stack.pop() {
+                for lid in self.in_links.get(&n).into_iter().flatten() {
+                    if let Some(l) = self.links.get(lid) {
+                        if self.link_active(l) && members.insert(l.source) {
+                            stack.push(l.source);
+                        }
+                    }
+                }
+            }
+        }
+        let nodes = self.page_nodes(members.iter().filter_map(|id| self.nodes.get(id)));
+        let links = self.page_links(
+            self.links
+                .values()
+                .filter(|l| members.contains(&l.source) && members.contains(&l.target)),
+        );
+        Ok(self.page(&nodes, &links, limit, offset))
+    }
+
+    /// `history:page`: newest batch first (DECISIONS #4), scoped by GRAPH + branch root or USER + uid.
+    pub fn history_page(
+        &self,
+        user: usize,
+        scope_type: &str,
+        scope_id: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 1000)?;
+        let filter: Box<dyn Fn(&Batch) -> bool> = match scope_type {
+            "GRAPH" => {
+                let id = Uuid::parse_str(scope_id).map_err(|_| INVALID_SCOPE)?;
+                let known = self
+                    .nodes
+                    .get(&id)
+                    .map(|n| n.owner == user)
+                    .unwrap_or(false)
+                    || self
+                        .deleted_nodes
+                        .iter()
+                        .any(|(d, _, o)| *d == id && *o == user);
+                if !known {
+                    return Err(INVALID_SCOPE);
+                }
+                Box::new(move |b: &Batch| b.owner == user && b.roots.contains(&id))
+            }
+            "USER" => {
+                if scope_id != self.users[user].uid {
+                    return Err(INVALID_SCOPE);
+                }
+                Box::new(move |b: &Batch| b.actor == user)
+            }
+            _ => return Err(INVALID_SCOPE),
+        };
+        let mut out = Vec::new();
+        let mut skipped = 0usize;
+        let mut has_more = false;
+        for b in self.batches.iter().rev().filter(|b| filter(b)) {
+            if skipped < offset {
+                skipped += 1;
+                continue;
+            }
+            if out.len() == limit {
+                has_more = true;
+                break;
+            }
+            out.push(self.batch_json(b));
+        }
+        Ok(json!({"ok": true, "hasMore": has_more, "batches": out}))
+    }
+
+    fn batch_json(&self, b: &Batch) -> Value {
+        let actor = &self.users[b.actor];
+        json!({
+            "batchId": b.id.to_string(),
+            "actor": {"username": actor.username, "email": actor.email},
+            "ts": b.ts,
+            "undone": false,
+            "ops": b.ops.iter().map(|o| json!({
+                "id": o.id,
+                "type": o.kind,
+                "entityId": o.entity_id.to_string(),
+                "forwardPatch": o.forward,
+                "inversePatch": o.inverse,
+                "guard": {"Version": o.guard_version},
+                "createdTime": o.created_time,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The ground truth as `GET /truth` serves it.
+    pub fn truth(&self, with_history: bool) -> Value {
+        let mut memo = HashMap::new();
+        let mut nodes: Vec<&Node> = self.nodes.values().collect();
+        nodes.sort_by_key(|n| n.seq);
+        let nodes: Vec<Value> = nodes
+            .into_iter()
+            .map(|n| {
+                let roots = self.roots_of(n.id, &mut memo);
+                let mut v = n.api_json(&self.users[n.owner], &roots);
+                if let Value::Object(m) = &mut v {
+                    m.insert("inTrash".into(), json!(n.in_trash));
+                    m.insert("publicBranch".into(), json!(n.public_branch));
+                    m.insert("ownerUid".into(), json!(self.users[n.owner].uid));
+                }
+                v
+            })
+            .collect();
+        let mut links: Vec<&Link> = self.links.values().collect();
+        links.sort_by(|a, b| a.created_time.cmp(&b.created_time).then(a.id.cmp(&b.id)));
+        let links: Vec<Value> = links
+            .into_iter()
+            .map(|l| {
+                let roots = self.link_roots(l, &mut memo);
+                let mut v = l.full_json(&roots);
+                if let Value::Object(m) = &mut v {
+                    m.insert("ownerUid".into(), json!(self.users[l.owner].uid));
+                }
+                v
+            })
+            .collect();
+        let deleted = |v: &[(Uuid, u64, usize)]| -> Vec<Value> {
+            v.iter()
+                .map(|(id, ver, o)| json!({"id": id.to_string(), "version": ver, "ownerUid": self.users[*o].uid}))
+                .collect()
+        };
+        let trashed_nodes: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.in_trash)
+            .map(|n| n.id.to_string())
+            .collect();
+        let trashed_links: Vec<String> = self
+            .links
+            .values()
+            .filter(|l| l.in_trash)
+            .map(|l| l.id.to_string())
+            .collect();
+        let transitions: Vec<Value> = self
+            .transitions
+            .iter()
+            .map(|t| {
+                json!({"nodeId": t.node_id.to_string(), "from": t.from, "to": t.to, "version": t.version,
+                       "batchId": t.batch_id.to_string(), "opId": t.op_id, "ts": t.ts, "cause": t.cause})
+            })
+            .collect();
+        let mut out = json!({
+            "users": self.users.iter().map(|u| json!({"uid": u.uid, "username": u.username, "email": u.email})).collect::<Vec<_>>(),
+            "nodes": nodes,
+            "links": links,
+            "deleted": {"nodes": deleted(&self.deleted_nodes), "links": deleted(&self.deleted_links)},
+            "trashed": {"nodes": trashed_nodes, "links": trashed_links},
+            "transitions": transitions,
+            "stats": {"mutations": self.stats.mutations, "ops": self.stats.ops, "batches": self.batches.len(),
+                      "lastOpId": self.next_op_id - 1},
+        });
+        if with_history {
+            let batches: Vec<Value> = self
+                .batches
+                .iter()
+                .map(|b| {
+                    let mut v = self.batch_json(b);
+                    if let Value::Object(m) = &mut v {
+                        m.insert("ownerUid".into(), json!(self.users[b.owner].uid));
+                        m.insert("mutation".into(), json!(b.mutation));
+                        m.insert(
+                            "roots".into(),
+                            json!(b.roots.iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+                        );
+                    }
+                    v
+                })
+                .collect();
+            out["batches"] = Value::Array(batches);
+        }
+        out
+    }
+}
+
+/// Validates `limit` (1..=max) and `offset` (>= 0), as the read events do.
+fn check_range(limit: i64, offset: i64, max: i64) -> Result<(usize, usize), ApiError> {
+    if !(1..=max).contains(&limit) || offset < 0 {
+        return Err(OUT_OF_RANGE);
+    }
+    // Both were just checked to be non-negative and small enough for usize.
+    Ok((limit as usize, offset as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(i: usize) -> User {
+        User {
+            uid: format!("00000000-0000-4000-8000-00000000000{i}"),
+            token: format!("tok{i}"),
+            username: format!("user{i}"),
+            email: format!("user{i}@example.test"),
+        }
+    }
+
+    fn new_node(status: u8) -> NewNode {
+        NewNode {
+            title: "t".into(),
+            description: String::new(),
+            status,
+            due_date: None,
+            tags: vec![],
+            priority: 1,
+            independent: false,
+            volume: 1,
+            assignee: vec![],
+        }
+    }
+
+    fn first_id(a: &Applied) -> Uuid {
+        Uuid::parse_str(a.diff["nodes"][0]["id"].as_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn child_blocks_parent_and_completion_unblocks() {
+        let mut w = World::new(vec![user(1)], 1);
+        let parent = first_id(&w.add_node(0, new_node(1), None));
+        let child_add = w.add_node(0, new_node(0), Some((parent, 0)));
+        let child = first_id(&child_add);
+        assert_eq!(w.node(&parent).unwrap().status, status::BLOCKED);
+        // version 1 at creation, +1 for the cascade status op
+        assert_eq!(w.node(&parent).unwrap().version, 2);
+        let link = w.links.values().next().unwrap();
+        assert!(link.was_blocker);
+        w.update_node(
+            child,
+            NodePatch {
+                status: Some(status::COMPLETED),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(w.node(&parent).unwrap().status, status::AVAILABLE);
+        let t: Vec<_> = w
+            .transitions
+            .iter()
+            .map(|t| (t.from, t.to, t.cause))
+            .collect();
+        assert_eq!(
+            t,
+            vec![(1, 2, "cascade"), (0, 3, "update"), (2, 0, "cascade")]
+        );
+    }
+
+    #[test]
+    fn title_and_status_bump_twice() {
+        let mut w = World::new(vec![user(1)], 1);
+        let id = first_id(&w.add_node(0, new_node(0), None));
+        let a = w
+            .update_node(
+                id,
+                NodePatch {
+                    title: Some("new".into()),
+                    status: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(w.node(&id).unwrap().version, 3);
+        let entry = &a.diff["nodes"][0];
+        assert_eq!(entry["title"], "new");
+        assert_eq!(entry["status"], 1);
+        assert_eq!(entry["version"], 3);
+        assert!(
+            entry.get("description").is_none(),
+            "only changed fields: {entry}"
+        );
+    }
+
+    #[test]
+    fn trash_restore_delete_cycle() {
+        let mut w = World::new(vec![user(1)], 7);
+        let parent = first_id(&w.add_node(0, new_node(0), None));
+        let child = first_id(&w.add_node(0, new_node(0), Some((parent, 0))));
+        assert_eq!(w.node(&parent).unwrap().status, status::BLOCKED);
+        let trash = w.trash_node(child).unwrap();
+        assert_eq!(trash.diff["nodes"][0]["inTrash"], true);
+        assert_eq!(w.node(&parent).unwrap().status, status::AVAILABLE);
+        w.restore_node(child).unwrap();
+        assert_eq!(w.node(&parent).unwrap().status, status::BLOCKED);
+        w.trash_node(child).unwrap();
+        let del = w.delete_node(child).unwrap();
+        let entry = del.diff["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == child.to_string())
+            .unwrap();
+        assert_eq!(entry["deleted"], true);
+        assert!(w.node(&child).is_none());
+        assert_eq!(w.links.len(), 0);
+    }
+
+    #[test]
+    fn graph_pages_cover_everything_once() {
+        let mut w = World::new(vec![user(1), user(2)], 3);
+        let mut last = None;
+        for i in 0..30 {
+            let a = w.add_node(
+                i % 2,
+                new_node(0),
+                last.filter(|_| i % 2 == 0).map(|p| (p, 0)),
+            );
+            if i % 2 == 0 {
+                last = Some(first_id(&a));
+            }
+        }
+        let mut seen = 0;
+        let mut offset = 0;
+        loop {
+            let page = w.graph_page(0, 7, offset).unwrap();
+            seen +=
+                page["nodes"].as_array().unwrap().len() + page["links"].as_array().unwrap().len();
+            if !page["hasMore"].as_bool().unwrap() {
+                break;
+            }
+            offset += 7;
+        }
+        assert_eq!(seen, 15 + 14);
+        assert_eq!(w.graph_page(0, 0, 0).unwrap_err(), OUT_OF_RANGE);
+        assert_eq!(w.graph_page(0, 5001, 0).unwrap_err(), OUT_OF_RANGE);
+    }
+
+    #[test]
+    fn history_scopes() {
+        let mut w = World::new(vec![user(1)], 3);
+        let root = first_id(&w.add_node(0, new_node(0), None));
+        w.add_node(0, new_node(0), Some((root, 0)));
+        let page = w
+            .history_page(0, "GRAPH", &root.to_string(), 100, 0)
+            .unwrap();
+        assert_eq!(page["batches"].as_array().unwrap().len(), 2);
+        let ops = &page["batches"][0]["ops"];
+        assert_eq!(ops[0]["type"], op::NODE_ADD);
+        let uid = w.users[0].uid.clone();
+        assert_eq!(
+            w.history_page(0, "USER", &uid, 1, 0).unwrap()["hasMore"],
+            true
+        );
+        assert_eq!(
+            w.history_page(0, "USER", "someone", 1, 0).unwrap_err(),
+            INVALID_SCOPE
+        );
+        assert_eq!(
+            w.history_page(0, "PAGE", &uid, 1, 0).unwrap_err(),
+            INVALID_SCOPE
+        );
+    }
+}

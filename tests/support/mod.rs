@@ -1,0 +1,32 @@
+//! Real-broker harness shared by the integration tests: a `tests/*.rs` file says `mod support;`
+//! and gets throwaway nats-server and tansu processes on free loopback ports.
+//!
+//! A broker that is missing or does not come up fails the test with a message saying how to
+//! install it; nothing is ever skipped.
+
+// Each integration test compiles this module on its own and uses only part of it; the
+// re-exports below count as unused imports in a test that never names them.
+#![allow(dead_code, unused_imports)]
+
+mod nats;
+mod process;
+mod sim;
+mod tansu;
+
+pub use nats::Nats;
+pub use sim::{http_json, SimProcess};
+pub use tansu::Tansu;
+
+use std::net::{Ipv4Addr, TcpListener};
+
+/// A loopback TCP port that was free a moment ago.
+///
+/// The listener is dropped before returning, so another process could take the port before the
+/// broker binds it; on a test machine that race is rare enough to accept.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    listener
+        .local_addr()
+        .expect("local_addr of bound listener")
+        .port()
+}
