@@ -325,7 +325,7 @@ mod tests {
             let should = blocked_by_child && n["independent"] == false;
             assert_eq!(n["status"] == 2, should, "node {n}");
         }
-        assert!(truth["deleted"]["nodes"].as_array().unwrap().len() > 0);
+        assert!(!truth["deleted"]["nodes"].as_array().unwrap().is_empty());
         assert!(truth["transitions"].as_array().unwrap().len() > 100);
     }
 }

@@ -264,6 +264,12 @@ pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHan
             tracing::error!(error = %e, "simulator job API server stopped");
         }
     }));
+    // Upgraded job sockets outlive the HTTP server's graceful shutdown; close them ourselves.
+    let sd = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        sd.cancelled().await;
+        jobs.shutdown();
+    }));
     tasks.push(tokio::spawn(generate(sim.clone(), cfg.rate, shutdown)));
     Ok(SimHandle {
         port,

@@ -1018,9 +1018,7 @@ impl World {
             }
             self.purge_link_in(&mut tx, lid, &mut memo);
         }
-        let Some(node) = self.nodes.remove(&id) else {
-            return None;
-        };
+        let node = self.nodes.remove(&id)?;
         self.out_links.remove(&id);
         self.in_links.remove(&id);
         self.sets[owner].trashed_nodes.remove(&id);
@@ -1199,7 +1197,7 @@ impl World {
         let by_token = root_node.owner != user || Uuid::parse_str(root).is_err();
         let mut members: BTreeSet<Uuid> = BTreeSet::new();
         members.insert(root_node.id);
-        if !(by_token && !root_node.public_branch) {
+        if !by_token || root_node.public_branch {
             // Descendants are the sources that point at a node (facts §2.2, DECISIONS #15).
             let mut stack = vec![root_node.id];
             while let Some(n) = stack.pop() {
