@@ -52,6 +52,8 @@ async fn tansu_round_trip_then_kill_and_restart() {
     );
 
     tansu.create_topic(TOPIC, 3).await;
+    // round_trip builds a fresh producer: an idempotent producer that lived through the restart
+    // is unknown to the new broker, which answers UNKNOWN_PRODUCER_ID until every send times out.
     round_trip(&tansu, "after-restart").await;
 }
 

@@ -4,11 +4,10 @@
 //! benchmarks all run against it.
 //!
 //! Layout: [`model`] entities and their JSON, [`world`] state and rules, [`generator`] seeded
-//! mutations, [`limits`] rate limits, [`server`] Socket.IO and HTTP, [`jobs`] the job API.
+//! mutations, [`server`] Socket.IO and HTTP, [`jobs`] the job API.
 
 pub mod generator;
 pub mod jobs;
-pub mod limits;
 pub mod model;
 pub mod server;
 pub mod world;

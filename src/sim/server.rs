@@ -17,8 +17,8 @@ use serde_json::{json, value::RawValue, Value};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::SocketIo;
 
-use super::limits::SlidingWindow;
 use super::world::{now_rfc3339, ApiError, World};
+use crate::ratelimit::SlidingWindow;
 
 /// The documented limits (seed 000, seed 001), each overridable for tests that need it.
 #[derive(Debug, Clone)]
@@ -295,7 +295,7 @@ impl Sim {
                 }
             }
         });
-        for event in ["graph:get", "branch:get", "history:page"] {
+        for event in ["graph:get", "branch:get", "history:page", "trash:page"] {
             let sim = self.clone();
             s.on(
                 event,
@@ -366,6 +366,11 @@ impl Sim {
                     message: "root is required",
                 })?;
                 world.branch_page(user, root, limit, offset)
+            }
+            "trash:page" => {
+                let limit = int_param(data, "limit", 100)?;
+                let offset = int_param(data, "offset", 0)?;
+                world.trash_page(user, limit, offset)
             }
             _ => {
                 let limit = int_param(data, "limit", 100)?;

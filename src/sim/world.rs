@@ -1271,6 +1271,49 @@ impl World {
         Ok(json!({"ok": true, "hasMore": has_more, "batches": out}))
     }
 
+    /// `trash:page`: the caller's trashed nodes, then trashed links, each by `lastEditedTime`
+    /// then id, in the shapes of facts §6.3.
+    pub fn trash_page(&self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 1000)?;
+        let mut nodes: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.owner == user && n.in_trash)
+            .collect();
+        nodes.sort_by(|a, b| {
+            a.last_edited_time
+                .cmp(&b.last_edited_time)
+                .then(a.id.cmp(&b.id))
+        });
+        let mut links: Vec<&Link> = self
+            .links
+            .values()
+            .filter(|l| l.owner == user && l.in_trash)
+            .collect();
+        links.sort_by(|a, b| {
+            a.last_edited_time
+                .cmp(&b.last_edited_time)
+                .then(a.id.cmp(&b.id))
+        });
+        let total = nodes.len() + links.len();
+        let end = offset.saturating_add(limit).min(total);
+        let (mut nodes_out, mut links_out) = (Vec::new(), Vec::new());
+        for i in offset.min(total)..end {
+            if i < nodes.len() {
+                let n = nodes[i];
+                let owner = &self.users[n.owner];
+                nodes_out.push(json!({"id": n.id.to_string(), "title": n.title, "status": n.status, "inTrash": true,
+                    "lastBatchID": n.last_batch.to_string(), "version": n.version, "lastEditedTime": n.last_edited_time,
+                    "ownerUsername": owner.username, "ownerEmail": owner.email}));
+            } else {
+                let l = links[i - nodes.len()];
+                links_out.push(json!({"id": l.id.to_string(), "source": l.source.to_string(), "target": l.target.to_string(),
+                    "type": l.kind, "version": l.version, "inTrash": true, "lastBatchID": l.last_batch.to_string()}));
+            }
+        }
+        Ok(json!({"ok": true, "hasMore": end < total, "nodes": nodes_out, "links": links_out}))
+    }
+
     fn batch_json(&self, b: &Batch) -> Value {
         let actor = &self.users[b.actor];
         json!({

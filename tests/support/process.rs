@@ -106,10 +106,11 @@ impl BrokerProcess {
         )
     }
 
-    /// The last `lines` lines of the log, lossily decoded because brokers may log colour codes.
+    /// The last `lines` lines of the log, with terminal colour codes removed because tansu
+    /// colours its log even when writing to a file.
     pub(crate) fn log_tail(&self, lines: usize) -> String {
         let bytes = std::fs::read(&self.log_path).unwrap_or_default();
-        let text = String::from_utf8_lossy(&bytes);
+        let text = strip_ansi(&String::from_utf8_lossy(&bytes));
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -151,7 +152,7 @@ pub(crate) fn find_binary(
         let path = PathBuf::from(path);
         assert!(
             is_executable(&path),
-            "{env_override}={} is not an executable file",
+            "{env_override}={} is not an executable file; install the broker with: {install_hint}",
             path.display()
         );
         return path;
@@ -173,6 +174,20 @@ pub(crate) fn find_binary(
                  These tests need a real broker; install it with: {install_hint}"
             )
         })
+}
+
+/// Drops `ESC [ ... letter` sequences, which is all the colouring brokers emit.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn is_executable(path: &Path) -> bool {

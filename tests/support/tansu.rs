@@ -12,7 +12,7 @@ use tempfile::TempDir;
 
 use super::process::{cargo_bin, find_binary, BrokerProcess};
 
-const INSTALL_HINT: &str = "`cargo install --locked tansu@0.6.0 --features dynostore,libsql` \
+const INSTALL_HINT: &str = "`cargo install tansu@0.6.0 --features dynostore,libsql` \
      (about 14 minutes on 2 cores; or point $TANSU_BIN at a binary)";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);

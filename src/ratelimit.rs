@@ -1,6 +1,7 @@
-//! Sliding-window rate limits, the simulator's enforcement of the documented connect and read
-//! limits. A window admits at most `max` hits in any span of `window`, which is the strictest
-//! reading of "N per T" and so the one a well-behaved client must already satisfy.
+//! Sliding-window rate limits: the simulator enforces the documented connect and read limits
+//! with them, and the connector budgets its own connects and reads with the same type. A window
+//! admits at most `max` hits in any span of `window`, the strictest reading of "N per T", so a
+//! client that keeps to it cannot trip a server that reads the limit more loosely.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -52,6 +53,20 @@ impl<K: Hash + Eq + Clone> SlidingWindow<K> {
         }
     }
 
+    /// How long until a hit for `key` would be admitted (zero if it would be now).
+    pub fn wait_time(&mut self, key: &K) -> Duration {
+        let now = Instant::now();
+        let (max, window) = (self.max, self.window);
+        let q = self.prune(key, now);
+        if q.len() < max {
+            return Duration::ZERO;
+        }
+        // The oldest hit of the last `max` leaves the window first.
+        q.get(q.len() - max).map_or(Duration::ZERO, |t| {
+            (*t + window).saturating_duration_since(now)
+        })
+    }
+
     /// Counts a hit whatever the outcome and returns whether the key was within its limit.
     /// Connect attempts are counted this way: the docs limit attempts, not successes.
     pub fn hit_always(&mut self, key: &K) -> bool {
@@ -79,6 +94,18 @@ mod tests {
         // the first hit leaves the window at t0+10s
         assert!(w.try_hit_at(&"u", t0 + Duration::from_secs(10)));
         assert!(!w.try_hit_at(&"u", t0 + Duration::from_millis(10_500)));
+    }
+
+    #[test]
+    fn wait_time_is_until_the_oldest_hit_leaves() {
+        let mut w = SlidingWindow::new(2, Duration::from_secs(60));
+        assert_eq!(w.wait_time(&1), Duration::ZERO);
+        assert!(w.try_hit(&1) && w.try_hit(&1));
+        let wait = w.wait_time(&1);
+        assert!(
+            wait > Duration::from_secs(59) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
     }
 
     #[test]

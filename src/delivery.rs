@@ -1,0 +1,1050 @@
+//! The delivery window: publishes groups of messages to every sink in order, keeps at most
+//! `max_in_flight` of them unacknowledged, and advances the checkpoint store over the
+//! contiguous prefix of groups that every sink has acknowledged.
+//!
+//! A *group* is a record and its companions (status record, tombstone) plus the checkpoint ops
+//! they justify. Acks may arrive in any order; a group's ops are committed only once it and
+//! every group submitted before it are acknowledged by every sink, so a gap holds the
+//! checkpoint and commits always follow submission order.
+//!
+//! Counting: a message is *in flight* from its first `enqueue` until every sink has
+//! acknowledged it, and counts once however many sinks there are (so each sink holds at most
+//! `max_in_flight` unacknowledged messages, and the process at most `max_in_flight × sinks`
+//! ack futures).
+//!
+//! Store writes are blocking I/O (an fsync per transaction), so they run on
+//! `tokio::task::spawn_blocking` with the store behind `Arc<Mutex<_>>`; that works on both the
+//! current-thread and the multi-thread runtime. Acks that are ready together, and groups that
+//! complete together, are committed in one transaction of up to `max_batch` ops.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::task::JoinHandle;
+
+use crate::metrics::{self, metrics};
+use crate::sink::{AckFuture, Message, Sink, SinkError};
+use crate::state::{apply_op, Checkpoint, CheckpointOp, CheckpointStore, StateError};
+
+/// First wait before retrying an `enqueue` that failed with a retryable error.
+const ENQUEUE_RETRY_MIN: Duration = Duration::from_millis(10);
+/// Longest wait between `enqueue` retries.
+const ENQUEUE_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Sizes of the delivery window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// Max messages in flight (enqueued, not yet acknowledged by every sink); each message
+    /// counts once, whatever the number of sinks. Values below 1 are taken as 1.
+    pub max_in_flight: usize,
+    /// Max checkpoint ops per store transaction. Values below 1 are taken as 1.
+    pub max_batch: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1024,
+            max_batch: 1024,
+        }
+    }
+}
+
+/// Why delivery stopped. Both variants are fatal for the run: the checkpoint no longer moves
+/// past the failure, so the connector should stop and restart from the checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// A sink refused or lost a message (a fatal error, a retry loop that gave up, or a
+    /// shutdown). The checkpoint stays before that message's group.
+    #[error("delivery failed: {0}")]
+    Sink(#[from] SinkError),
+    /// The checkpoint store failed. The batch that failed stays queued: calling again retries
+    /// it (ops are idempotent), but the run should normally stop.
+    #[error("checkpoint commit failed: {0}")]
+    State(#[from] StateError),
+}
+
+impl DeliveryError {
+    /// Always false: neither a lost message nor a failing store fixes itself within the run.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// One submitted group, until it is committed.
+struct Group {
+    /// Per message: sinks that have not acknowledged it yet (0 once acked or failed).
+    waiting: Vec<usize>,
+    /// Messages not yet acknowledged by every sink, counting those not yet enqueued.
+    unacked: usize,
+    /// `submit` handed every message to every sink. A group whose `submit` was dropped
+    /// half-way stays unsealed and holds the checkpoint: its messages may be partly published.
+    sealed: bool,
+    /// A sink failed one of its messages: the group never completes.
+    failed: bool,
+    ops: Vec<CheckpointOp>,
+}
+
+impl Group {
+    fn complete(&self) -> bool {
+        self.sealed && !self.failed && self.unacked == 0
+    }
+}
+
+/// One sink's answer for one message.
+struct AckOutcome {
+    seq: u64,
+    index: usize,
+    result: Result<(), SinkError>,
+}
+
+/// A store transaction running on the blocking pool. Kept in `Delivery` (not in a future's
+/// locals) so that dropping `next_ack` mid-commit loses nothing: the next call awaits it.
+struct Commit {
+    ops: Arc<Vec<CheckpointOp>>,
+    task: JoinHandle<Result<(), StateError>>,
+}
+
+/// The in-flight window and checkpoint advance (see the module docs).
+pub struct Delivery {
+    sinks: Vec<Arc<dyn Sink>>,
+    store: Arc<Mutex<Box<dyn CheckpointStore>>>,
+    max_in_flight: usize,
+    max_batch: usize,
+    checkpoint: Checkpoint,
+    /// Submitted groups not yet committed, in submission order; `groups[0]` has `first_seq`.
+    groups: VecDeque<Group>,
+    first_seq: u64,
+    acks: FuturesUnordered<BoxFuture<'static, AckOutcome>>,
+    in_flight: usize,
+    /// Ops of complete groups at the head, waiting for a store transaction, in order.
+    ready: VecDeque<CheckpointOp>,
+    commit: Option<Commit>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field(
+                "sinks",
+                &self.sinks.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            )
+            .field("in_flight", &self.in_flight)
+            .field("groups", &self.groups.len())
+            .field("ready_ops", &self.ready.len())
+            .field("committing", &self.commit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Builds the window over `sinks` and loads the current checkpoint from `store` (a
+    /// blocking read, done once at start-up), so [`Delivery::checkpoint`] matches the store
+    /// from the start.
+    pub fn new(
+        sinks: Vec<Arc<dyn Sink>>,
+        store: Box<dyn CheckpointStore>,
+        cfg: DeliveryConfig,
+    ) -> Result<Self, DeliveryError> {
+        let checkpoint = store.load()?;
+        Ok(Self {
+            sinks,
+            store: Arc::new(Mutex::new(store)),
+            max_in_flight: cfg.max_in_flight.max(1),
+            max_batch: cfg.max_batch.max(1),
+            checkpoint,
+            groups: VecDeque::new(),
+            first_seq: 0,
+            acks: FuturesUnordered::new(),
+            in_flight: 0,
+            ready: VecDeque::new(),
+            commit: None,
+        })
+    }
+
+    /// Publishes one group of messages (a record and its companions: status record,
+    /// tombstone) to every sink, in order; `ops` are applied to the store once every message
+    /// of this group and of every group submitted before it is acknowledged by every sink.
+    /// Waits (processing acks meanwhile) while the window is full. A group may have zero
+    /// messages (ops only, e.g. `SnapshotComplete`): it still waits its turn.
+    ///
+    /// Retryable `enqueue` errors are retried with backoff (10 ms doubling to 1 s, no limit,
+    /// acks processed meanwhile). Ends with a commit when groups at the head completed.
+    ///
+    /// Not cancel-safe: if this future is dropped half-way, the group may be partly published
+    /// and then never completes, so the checkpoint stays before it (safe, but it no longer
+    /// advances); drop it only when the run is ending.
+    pub async fn submit(
+        &mut self,
+        msgs: Vec<Arc<Message>>,
+        ops: Vec<CheckpointOp>,
+    ) -> Result<(), DeliveryError> {
+        let seq = self.first_seq + self.groups.len() as u64;
+        self.groups.push_back(Group {
+            waiting: vec![self.sinks.len(); msgs.len()],
+            unacked: msgs.len(),
+            sealed: false,
+            failed: false,
+            ops,
+        });
+        for (index, msg) in msgs.into_iter().enumerate() {
+            while self.in_flight >= self.max_in_flight {
+                if !self.wait_for_acks().await? {
+                    break;
+                }
+            }
+            self.publish(seq, index, msg).await?;
+        }
+        if let Some(group) = self.group_mut(seq) {
+            group.sealed = true;
+        }
+        self.advance();
+        self.commit_ready().await
+    }
+
+    /// Waits for the next acknowledgement(s) and applies the checkpoint for the contiguous
+    /// acked prefix. Returns `Ok(false)` at once if nothing is in flight and nothing waits to
+    /// be committed; `Ok(true)` after progress (acks recorded and/or a commit done).
+    ///
+    /// Cancel-safe: every ack future and a running commit live in `self`, and an ack is
+    /// recorded with no await in between, so dropping this future (e.g. in `tokio::select!`)
+    /// loses no ack and no op; the next call carries on.
+    pub async fn next_ack(&mut self) -> Result<bool, DeliveryError> {
+        if self.commit.is_none() && self.ready.is_empty() && !self.wait_for_acks().await? {
+            return Ok(false);
+        }
+        self.commit_ready().await?;
+        Ok(true)
+    }
+
+    /// Waits for everything in flight and applies the checkpoint (shutdown, or before a
+    /// snapshot-complete marker matters). Cancel-safe like [`Delivery::next_ack`]. Groups that
+    /// can never complete (a sink failed them, or their `submit` was dropped) stay uncommitted.
+    pub async fn drain(&mut self) -> Result<(), DeliveryError> {
+        while self.next_ack().await? {}
+        Ok(())
+    }
+
+    /// Messages enqueued to at least one sink and not yet acknowledged by every sink.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The checkpoint as last committed (kept in memory, equal to what the store holds).
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    fn group_mut(&mut self, seq: u64) -> Option<&mut Group> {
+        let index = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        self.groups.get_mut(index)
+    }
+
+    /// Hands one message to every sink in turn and registers its ack futures.
+    async fn publish(
+        &mut self,
+        seq: u64,
+        index: usize,
+        msg: Arc<Message>,
+    ) -> Result<(), DeliveryError> {
+        metrics::inc(&metrics().messages_enqueued_total);
+        if self.sinks.is_empty() {
+            // Acknowledged by every sink, vacuously.
+            if let Some(group) = self.group_mut(seq) {
+                group.unacked -= 1;
+            }
+            metrics::inc(&metrics().messages_acked_total);
+            return Ok(());
+        }
+        self.in_flight += 1;
+        metrics().in_flight.fetch_add(1, Ordering::Relaxed);
+        for k in 0..self.sinks.len() {
+            let sink = Arc::clone(&self.sinks[k]);
+            match self.enqueue(sink.as_ref(), &msg).await {
+                Ok(ack) => self.acks.push(
+                    ack.map(move |result| AckOutcome { seq, index, result })
+                        .boxed(),
+                ),
+                Err(e) => {
+                    self.fail_message(seq, index);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `Sink::enqueue`, retrying retryable errors.
+    async fn enqueue(
+        &mut self,
+        sink: &dyn Sink,
+        msg: &Arc<Message>,
+    ) -> Result<AckFuture, DeliveryError> {
+        let mut backoff = ENQUEUE_RETRY_MIN;
+        loop {
+            match sink.enqueue(Arc::clone(msg)).await {
+                Ok(ack) => return Ok(ack),
+                Err(e) if e.is_retryable() => {
+                    metrics::inc(&metrics().sink_retries_total);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "enqueue failed; retrying");
+                    self.record_acks_for(backoff).await?;
+                    backoff = (backoff * 2).min(ENQUEUE_RETRY_MAX);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sleeps for `period` while recording acks as they come: a full client queue drains
+    /// through them.
+    async fn record_acks_for(&mut self, period: Duration) -> Result<(), DeliveryError> {
+        let sleep = tokio::time::sleep(period);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return Ok(()),
+                Some(outcome) = self.acks.next(), if !self.acks.is_empty() => self.record(outcome)?,
+            }
+        }
+    }
+
+    /// Waits for one ack, then records it and every ack already ready. Returns false when no
+    /// ack is outstanding. Cancel-safe: `FuturesUnordered::next` keeps unfinished futures.
+    async fn wait_for_acks(&mut self) -> Result<bool, DeliveryError> {
+        let Some(first) = self.acks.next().await else {
+            return Ok(false);
+        };
+        self.record(first)?;
+        while let Some(Some(outcome)) = self.acks.next().now_or_never() {
+            self.record(outcome)?;
+        }
+        Ok(true)
+    }
+
+    fn record(&mut self, outcome: AckOutcome) -> Result<(), DeliveryError> {
+        let AckOutcome { seq, index, result } = outcome;
+        if let Err(e) = result {
+            self.fail_message(seq, index);
+            return Err(e.into());
+        }
+        let in_flight = &mut self.in_flight;
+        let index_in_groups = seq
+            .checked_sub(self.first_seq)
+            .and_then(|i| usize::try_from(i).ok());
+        // A group with outstanding ack futures is never popped, so the lookup finds it.
+        let Some(group) = index_in_groups.and_then(|i| self.groups.get_mut(i)) else {
+            return Ok(());
+        };
+        let Some(waiting) = group.waiting.get_mut(index) else {
+            return Ok(());
+        };
+        // 0 already: another sink failed this message; it left the window then.
+        if *waiting == 0 {
+            return Ok(());
+        }
+        *waiting -= 1;
+        if *waiting == 0 {
+            group.unacked -= 1;
+            *in_flight -= 1;
+            metrics().in_flight.fetch_sub(1, Ordering::Relaxed);
+            metrics::inc(&metrics().messages_acked_total);
+            self.advance();
+        }
+        Ok(())
+    }
+
+    /// Takes a message out of the window for good and stops its group from ever completing.
+    fn fail_message(&mut self, seq: u64, index: usize) {
+        let Some(group) = self.group_mut(seq) else {
+            return;
+        };
+        group.failed = true;
+        let was_waiting = group
+            .waiting
+            .get_mut(index)
+            .is_some_and(|w| std::mem::replace(w, 0) > 0);
+        if was_waiting {
+            self.in_flight -= 1;
+            metrics().in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Moves the ops of complete groups at the head into `ready`.
+    fn advance(&mut self) {
+        while self.groups.front().is_some_and(Group::complete) {
+            if let Some(group) = self.groups.pop_front() {
+                self.ready.extend(group.ops);
+                self.first_seq += 1;
+            }
+        }
+    }
+
+    /// Commits `ready` in transactions of up to `max_batch` ops, finishing first any commit a
+    /// dropped call left running.
+    async fn commit_ready(&mut self) -> Result<(), DeliveryError> {
+        loop {
+            let commit = match self.commit {
+                Some(ref mut commit) => commit,
+                None if self.ready.is_empty() => return Ok(()),
+                None => {
+                    let n = self.ready.len().min(self.max_batch);
+                    let ops = Arc::new(self.ready.drain(..n).collect::<Vec<_>>());
+                    let batch = Arc::clone(&ops);
+                    let store = Arc::clone(&self.store);
+                    let task = tokio::task::spawn_blocking(move || {
+                        let mut store = store.lock().map_err(|_| {
+                            StateError::Io("checkpoint store lock poisoned by a panic".into())
+                        })?;
+                        store.apply(&batch)
+                    });
+                    self.commit.insert(Commit { ops, task })
+                }
+            };
+            let ops = Arc::clone(&commit.ops);
+            let joined = (&mut commit.task).await;
+            self.commit = None;
+            let result = joined.unwrap_or_else(|e| {
+                Err(StateError::Io(format!(
+                    "checkpoint writer task failed: {e}"
+                )))
+            });
+            if let Err(e) = result {
+                // Back at the head, so a retry commits the same ops in the same order (they are
+                // idempotent) and nothing after them sneaks in first.
+                for op in ops.iter().rev() {
+                    self.ready.push_front(op.clone());
+                }
+                return Err(e.into());
+            }
+            for op in ops.iter() {
+                apply_op(&mut self.checkpoint, op);
+            }
+            metrics::inc(&metrics().checkpoint_commits_total);
+            tracing::debug!(ops = ops.len(), "checkpoint committed");
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        // The gauge is process-wide; take back what this window still counts.
+        metrics()
+            .in_flight
+            .fetch_sub(self.in_flight as i64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::Route;
+    use crate::state::{redb_store::RedbStore, MemoryStore};
+    use serde_json::json;
+    use std::collections::HashMap;
+    use tokio::sync::{mpsc, oneshot};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    #[derive(Default)]
+    struct FakeState {
+        senders: HashMap<String, oneshot::Sender<Result<(), SinkError>>>,
+        outstanding: usize,
+        max_outstanding: usize,
+        enqueue_errors: VecDeque<SinkError>,
+    }
+
+    /// A sink whose acks the test completes (or, with `auto_ack`, a spawned task after a
+    /// short pseudo-random delay).
+    struct FakeSink {
+        name: String,
+        log: Log,
+        state: Arc<Mutex<FakeState>>,
+        auto_ack: bool,
+    }
+
+    impl FakeSink {
+        fn new(name: &str, log: &Log) -> Arc<Self> {
+            Arc::new(Self {
+                name: name.into(),
+                log: Arc::clone(log),
+                state: Arc::default(),
+                auto_ack: false,
+            })
+        }
+
+        fn auto(name: &str, log: &Log) -> Arc<Self> {
+            Arc::new(Self {
+                name: name.into(),
+                log: Arc::clone(log),
+                state: Arc::default(),
+                auto_ack: true,
+            })
+        }
+
+        fn complete(&self, id: &str, result: Result<(), SinkError>) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{}:ack:{id}", self.name));
+            let tx = self.state.lock().unwrap().senders.remove(id);
+            tx.unwrap_or_else(|| panic!("{}: {id} not pending", self.name))
+                .send(result)
+                .unwrap();
+        }
+
+        fn ack(&self, id: &str) {
+            self.complete(id, Ok(()));
+        }
+
+        fn fail(&self, id: &str) {
+            self.complete(id, Err(fatal(&self.name)));
+        }
+
+        fn max_outstanding(&self) -> usize {
+            self.state.lock().unwrap().max_outstanding
+        }
+    }
+
+    fn fatal(sink: &str) -> SinkError {
+        SinkError::Fatal {
+            sink: sink.into(),
+            message: "refused".into(),
+        }
+    }
+
+    impl Sink for FakeSink {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        fn enqueue(&self, msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>> {
+            async move {
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut st = self.state.lock().unwrap();
+                    if let Some(e) = st.enqueue_errors.pop_front() {
+                        return Err(e);
+                    }
+                    st.outstanding += 1;
+                    st.max_outstanding = st.max_outstanding.max(st.outstanding);
+                    st.senders.insert(msg.id.clone(), tx);
+                }
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("{}:enq:{}", self.name, msg.id));
+                if self.auto_ack {
+                    let state = Arc::clone(&self.state);
+                    let id = msg.id.clone();
+                    let delay = id.bytes().map(u64::from).sum::<u64>() % 7;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        let tx = state.lock().unwrap().senders.remove(&id);
+                        let _ = tx.map(|tx| tx.send(Ok(())));
+                    });
+                }
+                let state = Arc::clone(&self.state);
+                let name = self.name.clone();
+                let ack: AckFuture = async move {
+                    let result = rx.await.unwrap_or(Err(SinkError::Cancelled { sink: name }));
+                    state.lock().unwrap().outstanding -= 1;
+                    result
+                }
+                .boxed();
+                Ok(ack)
+            }
+            .boxed()
+        }
+
+        fn prepare(&self) -> BoxFuture<'_, Result<String, SinkError>> {
+            async { Ok(String::new()) }.boxed()
+        }
+
+        fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+            async { Ok(()) }.boxed()
+        }
+    }
+
+    /// MemoryStore that records every `apply` call, optionally slow or failing.
+    #[derive(Default, Clone)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<Vec<CheckpointOp>>>>,
+        delay: Duration,
+        fail_next: Arc<Mutex<usize>>,
+    }
+
+    struct RecordingStore {
+        inner: MemoryStore,
+        rec: Recorder,
+    }
+
+    impl CheckpointStore for RecordingStore {
+        fn load(&self) -> Result<Checkpoint, StateError> {
+            self.inner.load()
+        }
+
+        fn apply(&mut self, ops: &[CheckpointOp]) -> Result<(), StateError> {
+            std::thread::sleep(self.rec.delay);
+            {
+                let mut fail = self.rec.fail_next.lock().unwrap();
+                if *fail > 0 {
+                    *fail -= 1;
+                    return Err(StateError::Io("disk full".into()));
+                }
+            }
+            self.rec.calls.lock().unwrap().push(ops.to_vec());
+            self.inner.apply(ops)
+        }
+    }
+
+    impl Recorder {
+        fn store(&self) -> Box<dyn CheckpointStore> {
+            Box::new(RecordingStore {
+                inner: MemoryStore::default(),
+                rec: self.clone(),
+            })
+        }
+
+        fn batch_sizes(&self) -> Vec<usize> {
+            self.calls.lock().unwrap().iter().map(Vec::len).collect()
+        }
+
+        fn all_ops(&self) -> Vec<CheckpointOp> {
+            self.calls.lock().unwrap().concat()
+        }
+    }
+
+    fn msg(id: &str) -> Arc<Message> {
+        Arc::new(Message {
+            route: Route::Nodes,
+            event: "updated".into(),
+            id: id.into(),
+            key: id.into(),
+            payload: Some(b"{}".to_vec()),
+            headers: vec![],
+        })
+    }
+
+    fn op(key: &str, version: u64) -> CheckpointOp {
+        CheckpointOp::Upsert {
+            key: key.into(),
+            version,
+            state: json!({ "v": version }).as_object().cloned().unwrap(),
+        }
+    }
+
+    fn job(frames: u64) -> CheckpointOp {
+        CheckpointOp::JobPosition {
+            client_id: "c".into(),
+            frames,
+        }
+    }
+
+    fn sinks(list: &[&Arc<FakeSink>]) -> Vec<Arc<dyn Sink>> {
+        list.iter()
+            .map(|s| Arc::clone(*s) as Arc<dyn Sink>)
+            .collect()
+    }
+
+    fn cfg(max_in_flight: usize, max_batch: usize) -> DeliveryConfig {
+        DeliveryConfig {
+            max_in_flight,
+            max_batch,
+        }
+    }
+
+    /// Runs `next_ack` until it would block; returns how many calls made progress.
+    async fn pump(d: &mut Delivery) -> usize {
+        let mut n = 0;
+        while let Some(r) = d.next_ack().now_or_never() {
+            if !r.unwrap() {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// `now_or_never` cannot see a commit on the blocking pool finish; this gives it time.
+    async fn settle(d: &mut Delivery) {
+        for _ in 0..3 {
+            let _ = tokio::time::timeout(Duration::from_millis(20), d.next_ack()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn gap_holds_the_checkpoint_until_it_fills() {
+        let log = Log::default();
+        let (a, b) = (FakeSink::new("a", &log), FakeSink::new("b", &log));
+        let rec = Recorder::default();
+        let mut d = Delivery::new(sinks(&[&a, &b]), rec.store(), cfg(10, 100)).unwrap();
+        d.submit(vec![msg("m1")], vec![op("node:1", 1)])
+            .await
+            .unwrap();
+        d.submit(vec![msg("m2")], vec![op("node:2", 1)])
+            .await
+            .unwrap();
+        assert_eq!(d.in_flight(), 2);
+
+        a.ack("m2");
+        b.ack("m2");
+        assert!(d.next_ack().await.unwrap());
+        a.ack("m1"); // one sink is not enough
+        settle(&mut d).await;
+        assert_eq!(d.in_flight(), 1);
+        assert!(d.checkpoint().entities.is_empty());
+        assert!(rec.batch_sizes().is_empty());
+
+        b.ack("m1");
+        assert!(d.next_ack().await.unwrap());
+        assert_eq!(rec.all_ops(), vec![op("node:1", 1), op("node:2", 1)]);
+        assert_eq!(rec.batch_sizes(), vec![2]);
+        assert_eq!(d.checkpoint().entities.len(), 2);
+        assert_eq!(d.in_flight(), 0);
+        assert!(!d.next_ack().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn acks_in_any_order_commit_in_submission_order() {
+        let log = Log::default();
+        let (a, b) = (FakeSink::new("a", &log), FakeSink::new("b", &log));
+        let rec = Recorder::default();
+        let mut d = Delivery::new(sinks(&[&a, &b]), rec.store(), cfg(100, 100)).unwrap();
+        let order_sensitive = [
+            op("node:1", 1),
+            CheckpointOp::Remove {
+                key: "node:1".into(),
+            },
+            op("node:1", 2),
+            job(1),
+            job(2),
+            CheckpointOp::SnapshotComplete,
+        ];
+        for (i, o) in order_sensitive.iter().enumerate() {
+            let msgs = vec![msg(&format!("g{i}-0")), msg(&format!("g{i}-1"))];
+            d.submit(msgs, vec![o.clone()]).await.unwrap();
+        }
+        // Every (message, sink) ack in a scrambled order, committing whatever is ready after each.
+        let mut acks = vec![];
+        for g in [4, 2, 5, 0, 3, 1] {
+            for m in [1, 0] {
+                acks.push((g, m));
+            }
+        }
+        for (n, (g, m)) in acks.iter().enumerate() {
+            let sink = if n % 2 == 0 { &b } else { &a };
+            let other = if n % 2 == 0 { &a } else { &b };
+            sink.ack(&format!("g{g}-{m}"));
+            other.ack(&format!("g{g}-{m}"));
+            pump(&mut d).await;
+            settle(&mut d).await;
+        }
+        d.drain().await.unwrap();
+        assert_eq!(rec.all_ops(), order_sensitive.to_vec());
+        let mut expected = Checkpoint::default();
+        for o in &order_sensitive {
+            apply_op(&mut expected, o);
+        }
+        assert_eq!(d.checkpoint(), &expected);
+        assert_eq!(d.checkpoint().entities["node:1"].version, 2);
+    }
+
+    #[tokio::test]
+    async fn full_window_waits_for_an_ack_before_enqueuing() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let mut d = Delivery::new(sinks(&[&a]), Box::<MemoryStore>::default(), cfg(2, 10)).unwrap();
+        d.submit(vec![msg("m1")], vec![]).await.unwrap();
+        d.submit(vec![msg("m2")], vec![]).await.unwrap();
+        let acker = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                a.ack("m2");
+            })
+        };
+        d.submit(vec![msg("m3")], vec![]).await.unwrap();
+        acker.await.unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["a:enq:m1", "a:enq:m2", "a:ack:m2", "a:enq:m3"]
+        );
+        assert_eq!(d.in_flight(), 2);
+        assert_eq!(a.max_outstanding(), 2);
+    }
+
+    /// A group larger than the window still goes through, one message at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn window_bound_holds_under_load_on_multi_thread_runtime() {
+        let log = Log::default();
+        let (a, b) = (FakeSink::auto("a", &log), FakeSink::auto("b", &log));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.redb");
+        let store = Box::new(RedbStore::open(&path).unwrap());
+        let max = 8;
+        let mut d = Delivery::new(sinks(&[&a, &b]), store, cfg(max, 16)).unwrap();
+        let commits_before = metrics().checkpoint_commits_total.load(Ordering::Relaxed);
+        let mut total = 0;
+        for g in 0..200u64 {
+            let n = if g == 100 { 20 } else { (g % 3) as usize };
+            let msgs = (0..n).map(|m| msg(&format!("g{g}-{m}"))).collect();
+            total += n;
+            d.submit(msgs, vec![op(&format!("node:{}", g % 17), g), job(g)])
+                .await
+                .unwrap();
+            assert!(d.in_flight() <= max, "{} in flight", d.in_flight());
+        }
+        d.drain().await.unwrap();
+        assert_eq!(d.in_flight(), 0);
+        assert!(a.max_outstanding() <= max && b.max_outstanding() <= max);
+        assert_eq!(log.lock().unwrap().len(), 2 * total);
+        assert_eq!(d.checkpoint().jobs["c"], 199);
+        assert!(metrics().checkpoint_commits_total.load(Ordering::Relaxed) > commits_before);
+        drop(d);
+        let reopened = RedbStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(reopened.jobs["c"], 199);
+        assert_eq!(reopened.entities.len(), 17);
+        assert_eq!(reopened.entities["node:16"].version, 186);
+    }
+
+    #[tokio::test]
+    async fn fatal_ack_error_surfaces_from_next_ack_and_holds_the_checkpoint() {
+        let log = Log::default();
+        let (a, b) = (FakeSink::new("a", &log), FakeSink::new("b", &log));
+        let rec = Recorder::default();
+        let mut d = Delivery::new(sinks(&[&a, &b]), rec.store(), cfg(10, 10)).unwrap();
+        for g in 0..3 {
+            d.submit(vec![msg(&format!("m{g}"))], vec![job(g)])
+                .await
+                .unwrap();
+        }
+        b.fail("m1");
+        let err = d.next_ack().await.unwrap_err();
+        assert!(
+            matches!(err, DeliveryError::Sink(SinkError::Fatal { .. })),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+        for id in ["m0", "m1", "m2"] {
+            a.ack(id);
+        }
+        b.ack("m0");
+        b.ack("m2");
+        d.drain().await.unwrap();
+        assert_eq!(d.in_flight(), 0);
+        assert_eq!(rec.all_ops(), vec![job(0)]);
+        assert_eq!(d.checkpoint().jobs["c"], 0);
+    }
+
+    #[tokio::test]
+    async fn fatal_errors_surface_from_submit_and_drain() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let mut d = Delivery::new(sinks(&[&a]), Box::<MemoryStore>::default(), cfg(1, 10)).unwrap();
+
+        // From enqueue.
+        a.state.lock().unwrap().enqueue_errors.push_back(fatal("a"));
+        let err = d.submit(vec![msg("m0")], vec![job(0)]).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Sink(SinkError::Fatal { .. })));
+        assert_eq!(d.in_flight(), 0);
+
+        // From an ack processed while submit waits for room.
+        let mut d = Delivery::new(sinks(&[&a]), Box::<MemoryStore>::default(), cfg(1, 10)).unwrap();
+        d.submit(vec![msg("m1")], vec![job(1)]).await.unwrap();
+        a.fail("m1");
+        let err = d.submit(vec![msg("m2")], vec![job(2)]).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Sink(_)));
+
+        // From drain.
+        let mut d = Delivery::new(sinks(&[&a]), Box::<MemoryStore>::default(), cfg(4, 10)).unwrap();
+        d.submit(vec![msg("m3")], vec![job(3)]).await.unwrap();
+        a.complete("m3", Err(SinkError::Cancelled { sink: "a".into() }));
+        assert!(matches!(d.drain().await, Err(DeliveryError::Sink(_))));
+        assert!(d.checkpoint().jobs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn retryable_enqueue_errors_are_retried() {
+        let log = Log::default();
+        let a = FakeSink::auto("a", &log);
+        let mut d = Delivery::new(sinks(&[&a]), Box::<MemoryStore>::default(), cfg(4, 10)).unwrap();
+        let retryable = SinkError::Retryable {
+            sink: "a".into(),
+            message: "queue full".into(),
+        };
+        a.state
+            .lock()
+            .unwrap()
+            .enqueue_errors
+            .extend([retryable.clone(), retryable]);
+        d.submit(vec![msg("m0")], vec![job(5)]).await.unwrap();
+        d.drain().await.unwrap();
+        assert_eq!(d.checkpoint().jobs["c"], 5);
+    }
+
+    #[tokio::test]
+    async fn acked_groups_are_batched_up_to_max_batch() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let rec = Recorder::default();
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(100, 3)).unwrap();
+        for g in 0..4u64 {
+            d.submit(vec![msg(&format!("m{g}"))], vec![op("node:x", g), job(g)])
+                .await
+                .unwrap();
+        }
+        for g in [1, 2, 3] {
+            a.ack(&format!("m{g}"));
+        }
+        assert_eq!(pump(&mut d).await, 1, "ready acks are taken in one call");
+        assert!(rec.batch_sizes().is_empty());
+        a.ack("m0");
+        assert!(d.next_ack().await.unwrap());
+        assert_eq!(rec.batch_sizes(), vec![3, 3, 2]);
+        assert_eq!(d.checkpoint().jobs["c"], 3);
+
+        // With room, several acked groups land in one transaction.
+        let rec = Recorder::default();
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(100, 100)).unwrap();
+        for g in 0..5u64 {
+            d.submit(vec![msg(&format!("n{g}"))], vec![job(g)])
+                .await
+                .unwrap();
+        }
+        for g in 0..5 {
+            a.ack(&format!("n{g}"));
+        }
+        assert!(d.next_ack().await.unwrap());
+        assert_eq!(rec.batch_sizes(), vec![5]);
+    }
+
+    #[tokio::test]
+    async fn ops_only_group_waits_its_turn() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let rec = Recorder::default();
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(10, 10)).unwrap();
+        d.submit(vec![msg("m0")], vec![job(1)]).await.unwrap();
+        d.submit(vec![], vec![CheckpointOp::SnapshotComplete])
+            .await
+            .unwrap();
+        assert!(!d.checkpoint().snapshot_complete);
+        a.ack("m0");
+        assert!(d.next_ack().await.unwrap());
+        assert!(d.checkpoint().snapshot_complete);
+        assert_eq!(rec.all_ops(), vec![job(1), CheckpointOp::SnapshotComplete]);
+
+        // With nothing ahead of it, submit commits it right away.
+        d.submit(vec![], vec![job(2)]).await.unwrap();
+        assert_eq!(d.checkpoint().jobs["c"], 2);
+        assert!(!d.next_ack().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn next_ack_is_cancel_safe() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let rec = Recorder {
+            delay: Duration::from_millis(150),
+            ..Recorder::default()
+        };
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(10, 10)).unwrap();
+        d.submit(vec![msg("m0")], vec![job(1)]).await.unwrap();
+        d.submit(vec![msg("m1")], vec![job(2)]).await.unwrap();
+
+        // Dropped while waiting for an ack.
+        let timed_out = tokio::time::timeout(Duration::from_millis(20), d.next_ack()).await;
+        assert!(timed_out.is_err());
+        // Dropped while the store writes.
+        a.ack("m0");
+        let timed_out = tokio::time::timeout(Duration::from_millis(20), d.next_ack()).await;
+        assert!(timed_out.is_err());
+        assert!(d.checkpoint().jobs.is_empty());
+        a.ack("m1");
+        d.drain().await.unwrap();
+        assert_eq!(rec.all_ops(), vec![job(1), job(2)]);
+        assert_eq!(d.checkpoint().jobs["c"], 2);
+    }
+
+    /// The app's loop: `next_ack` raced against a source channel in `select!`, so it is
+    /// dropped whenever a new group arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn select_loop_loses_nothing() {
+        let log = Log::default();
+        let a = FakeSink::auto("a", &log);
+        let rec = Recorder {
+            delay: Duration::from_millis(2),
+            ..Recorder::default()
+        };
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(4, 5)).unwrap();
+        let (tx, mut rx) = mpsc::channel::<u64>(4);
+        let producer = tokio::spawn(async move {
+            for g in 0..300 {
+                tx.send(g).await.unwrap();
+                if g % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        });
+        loop {
+            tokio::select! {
+                g = rx.recv() => match g {
+                    Some(g) => d.submit(vec![msg(&format!("m{g}"))], vec![job(g)]).await.unwrap(),
+                    None => break,
+                },
+                r = d.next_ack() => { r.unwrap(); }
+            }
+        }
+        producer.await.unwrap();
+        d.drain().await.unwrap();
+        assert_eq!(rec.all_ops(), (0..300).map(job).collect::<Vec<_>>());
+        assert_eq!(d.checkpoint().jobs["c"], 299);
+    }
+
+    #[tokio::test]
+    async fn failed_commit_is_retried_in_order() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let rec = Recorder::default();
+        *rec.fail_next.lock().unwrap() = 1;
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(10, 10)).unwrap();
+        d.submit(vec![msg("m0")], vec![job(1)]).await.unwrap();
+        a.ack("m0");
+        assert!(matches!(d.next_ack().await, Err(DeliveryError::State(_))));
+        assert!(d.checkpoint().jobs.is_empty());
+        d.submit(vec![msg("m1")], vec![job(2)]).await.unwrap();
+        a.ack("m1");
+        d.drain().await.unwrap();
+        assert_eq!(rec.all_ops(), vec![job(1), job(2)]);
+    }
+
+    #[tokio::test]
+    async fn new_starts_from_the_stored_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(&dir.path().join("cp.redb")).unwrap();
+        store.apply(&[op("node:1", 4), job(9)]).unwrap();
+        let d = Delivery::new(vec![], Box::new(store), DeliveryConfig::default()).unwrap();
+        assert_eq!(d.checkpoint().jobs["c"], 9);
+        assert_eq!(d.checkpoint().entities["node:1"].version, 4);
+
+        fn assert_send<T: Send>(_: &T) {}
+        let mut d = d;
+        assert_send(&d.submit(vec![], vec![]));
+        assert_send(&d.next_ack());
+        assert_send(&d.drain());
+    }
+
+    #[tokio::test]
+    async fn no_sinks_means_acked_at_once() {
+        let mut d = Delivery::new(vec![], Box::<MemoryStore>::default(), cfg(1, 1)).unwrap();
+        d.submit(vec![msg("m0"), msg("m1")], vec![job(3)])
+            .await
+            .unwrap();
+        assert_eq!(d.in_flight(), 0);
+        assert_eq!(d.checkpoint().jobs["c"], 3);
+    }
+}

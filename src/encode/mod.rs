@@ -1,0 +1,97 @@
+//! Encoding: turns a normalised [`Group`] into the broker-neutral [`Message`]s sinks publish,
+//! with the CloudEvents headers (`ce_*`), `content-type`, `trace_id` and `traceparent`.
+//! The body format is an [`Encoder`]; JSON is the one implemented.
+
+pub mod json;
+
+use std::sync::Arc;
+
+use crate::normalize::Group;
+use crate::record::{Body, EntityKind, Record};
+use crate::sink::{Message, Route};
+
+/// Why a record could not be encoded (fatal: a bug or a schema mismatch, never input data).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode record {id}: {message}")]
+pub struct EncodeError {
+    /// The record id.
+    pub id: String,
+    /// The cause.
+    pub message: String,
+}
+
+/// A body format.
+pub trait Encoder: Send + Sync {
+    /// The `content-type` header value.
+    fn content_type(&self) -> &str;
+    /// Encodes one record.
+    fn encode(&self, record: &Record) -> Result<Vec<u8>, EncodeError>;
+}
+
+fn route_of(record: &Record) -> Route {
+    match &record.body {
+        Body::Entity {
+            kind: EntityKind::Node,
+            ..
+        } => Route::Nodes,
+        Body::Entity {
+            kind: EntityKind::Link,
+            ..
+        } => Route::Links,
+        Body::StatusChanged { .. } => Route::Status,
+        Body::DeadLetter { .. } => Route::DeadLetter,
+        Body::Job { .. } => Route::Jobs,
+    }
+}
+
+fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
+    vec![
+        ("ce_specversion".into(), "1.0".into()),
+        ("ce_id".into(), record.id.clone()),
+        ("ce_type".into(), record.event_type()),
+        ("ce_source".into(), record.source.clone()),
+        ("ce_subject".into(), record.subject.clone()),
+        ("ce_time".into(), record.time.clone()),
+        ("content-type".into(), content_type.to_string()),
+        ("trace_id".into(), record.trace.trace_id.clone()),
+        ("traceparent".into(), record.trace.traceparent.clone()),
+    ]
+}
+
+/// The messages of one group, in publish order: each record, then the delete's tombstone.
+pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Message>>, EncodeError> {
+    let mut out = Vec::with_capacity(group.records.len() + 1);
+    for record in &group.records {
+        out.push(Arc::new(Message {
+            route: route_of(record),
+            event: record.event_name(),
+            id: record.id.clone(),
+            key: record.subject.clone(),
+            payload: Some(encoder.encode(record)?),
+            headers: headers(record, encoder.content_type()),
+        }));
+    }
+    if let Some((kind, id)) = &group.tombstone {
+        // The tombstone carries the delete record's attributes, so a consumer of the compacted
+        // topic can still tell which change removed the key.
+        let delete = group.records.first();
+        out.push(Arc::new(Message {
+            route: if *kind == EntityKind::Node {
+                Route::Nodes
+            } else {
+                Route::Links
+            },
+            event: "tombstone".into(),
+            id: delete.map_or_else(
+                || format!("{}:{id}:tombstone", kind.as_str()),
+                |r| format!("{}:tombstone", r.id),
+            ),
+            key: id.clone(),
+            payload: None,
+            headers: delete
+                .map(|r| headers(r, encoder.content_type()))
+                .unwrap_or_default(),
+        }));
+    }
+    Ok(out)
+}

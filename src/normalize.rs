@@ -1,0 +1,833 @@
+//! Normalisation, pure (no I/O): turns SynapTask payloads (snapshot entities, `graph:diff`
+//! entries, job frames) plus the working view into change records and the checkpoint ops that
+//! record their delivery.
+//!
+//! The working [`View`] holds the latest full state of every entity seen so far, delivered or
+//! not; it is what turns a partial diff into `before` / `after` / `changed`. Versions only go
+//! up: an entry whose version is not newer than the view's is stale and produces nothing, which
+//! is how snapshot pages and buffered diffs merge without ever going back.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Map, Value};
+
+use crate::record::{fnv1a, Body, Change, EntityKind, Origin, Record, TraceContext};
+use crate::state::{Checkpoint, CheckpointOp};
+
+/// Fields that change with every version and so say nothing on their own.
+const BOOKKEEPING: &[&str] = &["id", "version", "lastEditedTime"];
+
+/// The latest known state of one entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Known {
+    /// Its version.
+    pub version: u64,
+    /// Its full state (camelCase fields as the API sends them; `inTrash: true` while trashed).
+    pub state: Map<String, Value>,
+}
+
+/// The working view: every entity's latest known state, keyed `node:<id>` / `link:<id>`.
+#[derive(Debug, Default, Clone)]
+pub struct View {
+    entities: HashMap<String, Known>,
+    /// Purged entities and the version of their purge, so a stale page cannot resurrect them.
+    deleted: HashMap<String, u64>,
+}
+
+impl View {
+    /// The view a restart begins with: exactly what was delivered.
+    pub fn from_checkpoint(cp: &Checkpoint) -> Self {
+        let entities = cp
+            .entities
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    Known {
+                        version: e.version,
+                        state: e.state.clone(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            entities,
+            deleted: HashMap::new(),
+        }
+    }
+
+    /// An entity's known state.
+    pub fn get(&self, key: &str) -> Option<&Known> {
+        self.entities.get(key)
+    }
+
+    /// Number of known entities (trashed included).
+    pub fn len(&self) -> usize {
+        self.entities.len()
+    }
+
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self.entities.is_empty()
+    }
+
+    /// Keys of known entities that are not in trash.
+    pub fn active_keys(&self) -> impl Iterator<Item = &String> {
+        self.entities
+            .iter()
+            .filter(|(_, k)| !is_trashed(&k.state))
+            .map(|(key, _)| key)
+    }
+}
+
+/// Where records come from, for the envelope.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// `synaptask://<host>/users/<uid>`.
+    pub source: String,
+    /// The time the input arrived (RFC 3339), used where the payload carries none.
+    pub now: String,
+}
+
+/// The output of one change: records published together, the tombstone that follows a delete,
+/// and the checkpoint ops their delivery allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// The change record first, then a derived status record if any.
+    pub records: Vec<Record>,
+    /// `(kind, entity id)` of a delete: the entity topic gets a tombstone for that key.
+    pub tombstone: Option<(EntityKind, String)>,
+    /// Applied once every message of this group (and before) is acknowledged.
+    pub ops: Vec<CheckpointOp>,
+}
+
+/// What an entry did to the view.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A change to publish.
+    Changed(Group),
+    /// Not newer than what is known: nothing to publish.
+    Stale,
+    /// A partial change to an entity never seen in full: only a snapshot can fill it in.
+    NeedsSnapshot,
+    /// The entry itself is unusable.
+    Invalid(String),
+}
+
+fn is_trashed(state: &Map<String, Value>) -> bool {
+    state
+        .get("inTrash")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// Whether an entry carries a whole entity, as creations, restores and pages do.
+fn looks_full(kind: EntityKind, entry: &Map<String, Value>) -> bool {
+    match kind {
+        EntityKind::Node => entry.contains_key("title") && entry.contains_key("status"),
+        EntityKind::Link => entry.contains_key("source") && entry.contains_key("target"),
+    }
+}
+
+fn changed_fields(before: &Map<String, Value>, after: &Map<String, Value>) -> Vec<String> {
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| !BOOKKEEPING.contains(&k.as_str()))
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect()
+}
+
+fn time_of(state: Option<&Map<String, Value>>, ctx: &Ctx) -> String {
+    state
+        .and_then(|s| s.get("lastEditedTime"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| ctx.now.clone())
+}
+
+fn status_of(state: &Map<String, Value>) -> Option<i64> {
+    state.get("status").and_then(Value::as_i64)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn entity_record(
+    ctx: &Ctx,
+    kind: EntityKind,
+    id: &str,
+    version: u64,
+    change: Change,
+    before: Option<Map<String, Value>>,
+    after: Option<Map<String, Value>>,
+    origin: Origin,
+    trace: &TraceContext,
+) -> Record {
+    let changed = match (&before, &after) {
+        (Some(b), Some(a)) => changed_fields(b, a),
+        (None, Some(a)) => a
+            .keys()
+            .filter(|k| !BOOKKEEPING.contains(&k.as_str()))
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    Record {
+        id: format!("{}:{id}:{version}", kind.as_str()),
+        source: ctx.source.clone(),
+        subject: id.to_string(),
+        time: time_of(after.as_ref().or(before.as_ref()), ctx),
+        sequence: version,
+        trace: trace.clone(),
+        origin,
+        body: Body::Entity {
+            kind,
+            change,
+            before,
+            after,
+            changed,
+        },
+    }
+}
+
+/// Applies one entity (a snapshot item or a diff entry) to the view.
+pub fn apply_entity(
+    view: &mut View,
+    ctx: &Ctx,
+    kind: EntityKind,
+    entry: &Map<String, Value>,
+    origin: Origin,
+    trace: &TraceContext,
+) -> Outcome {
+    let Some(id) = entry.get("id").and_then(Value::as_str) else {
+        return Outcome::Invalid("entry without a string id".into());
+    };
+    let key = kind.key(id);
+    let known = view.entities.get(&key);
+
+    if entry.get("deleted").and_then(Value::as_bool) == Some(true) {
+        let Some(known) = known else {
+            return Outcome::Stale;
+        };
+        // A purge carries no version (DECISIONS #1); it is one op past the last known one.
+        let version = entry
+            .get("version")
+            .and_then(Value::as_u64)
+            .unwrap_or(known.version + 1);
+        if version <= known.version {
+            return Outcome::Stale;
+        }
+        let before = known.state.clone();
+        view.entities.remove(&key);
+        view.deleted.insert(key.clone(), version);
+        let record = entity_record(
+            ctx,
+            kind,
+            id,
+            version,
+            Change::Deleted,
+            Some(before),
+            None,
+            origin,
+            trace,
+        );
+        return Outcome::Changed(Group {
+            records: vec![record],
+            tombstone: Some((kind, id.to_string())),
+            ops: vec![CheckpointOp::Remove { key }],
+        });
+    }
+
+    let Some(version) = entry.get("version").and_then(Value::as_u64) else {
+        return Outcome::Invalid(format!("{} {id} without an integer version", kind.as_str()));
+    };
+    if known.is_some_and(|k| version <= k.version)
+        || view.deleted.get(&key).is_some_and(|d| version <= *d)
+    {
+        return Outcome::Stale;
+    }
+    let trashing = entry.get("inTrash").and_then(Value::as_bool) == Some(true);
+    let full = looks_full(kind, entry);
+    let (change, before, mut after) = match known {
+        None if !full && !trashing => return Outcome::NeedsSnapshot,
+        None => (
+            if trashing {
+                Change::Trashed
+            } else {
+                Change::Created
+            },
+            None,
+            entry.clone(),
+        ),
+        Some(k) => {
+            let mut after = k.state.clone();
+            for (f, v) in entry {
+                after.insert(f.clone(), v.clone());
+            }
+            let change = if trashing {
+                Change::Trashed
+            } else if is_trashed(&k.state) {
+                Change::Restored
+            } else {
+                Change::Updated
+            };
+            (change, Some(k.state.clone()), after)
+        }
+    };
+    if change == Change::Restored {
+        after.insert("inTrash".into(), Value::Bool(false));
+    }
+    let status_change = match (kind, &before) {
+        (EntityKind::Node, Some(b)) => match (status_of(b), status_of(&after)) {
+            (Some(from), Some(to)) if from != to => Some((from, to)),
+            _ => None,
+        },
+        _ => None,
+    };
+    view.entities.insert(
+        key.clone(),
+        Known {
+            version,
+            state: after.clone(),
+        },
+    );
+    let mut records = vec![entity_record(
+        ctx,
+        kind,
+        id,
+        version,
+        change,
+        before,
+        Some(after.clone()),
+        origin,
+        trace,
+    )];
+    if let Some((from, to)) = status_change {
+        records.push(Record {
+            id: format!("status:{id}:{version}"),
+            source: ctx.source.clone(),
+            subject: id.to_string(),
+            time: time_of(Some(&after), ctx),
+            sequence: version,
+            trace: trace.clone(),
+            origin,
+            body: Body::StatusChanged {
+                from,
+                to,
+                after: after.clone(),
+            },
+        });
+    }
+    Outcome::Changed(Group {
+        records,
+        tombstone: None,
+        ops: vec![CheckpointOp::Upsert {
+            key,
+            version,
+            state: after,
+        }],
+    })
+}
+
+/// Usable entries of a diff, and descriptions of the unusable ones.
+pub type DiffEntries = (Vec<(EntityKind, Map<String, Value>)>, Vec<String>);
+
+/// The entities of a `graph:diff` payload, in order (nodes, then links).
+///
+/// Accepts the documented flat shape (`{nodes:[...], links:[...]}`, DECISIONS #2) and the ack's
+/// op-shaped entries (`{op, before, after}`), whose `after` is used; extra top-level keys are
+/// ignored. Entries that are not objects come back in the second list, for the dead-letter route.
+pub fn diff_entries(payload: &Value) -> Result<DiffEntries, String> {
+    let Some(obj) = payload.as_object() else {
+        return Err(format!(
+            "graph:diff payload is {}, not an object",
+            type_name(payload)
+        ));
+    };
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (field, kind) in [("nodes", EntityKind::Node), ("links", EntityKind::Link)] {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) => {
+                for item in items {
+                    match item.as_object() {
+                        Some(m) if m.contains_key("after") && !m.contains_key("id") => match m
+                            .get("after")
+                        {
+                            Some(Value::Object(after)) if after.contains_key("id") => {
+                                out.push((kind, after.clone()))
+                            }
+                            _ => bad.push(format!("{field} entry with an unusable after: {item}")),
+                        },
+                        Some(m) => out.push((kind, m.clone())),
+                        None => bad.push(format!(
+                            "{field} entry is {}, not an object",
+                            type_name(item)
+                        )),
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "graph:diff {field} is {}, not an array",
+                    type_name(other)
+                ))
+            }
+        }
+    }
+    Ok((out, bad))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// After a full snapshot: every active entity the view knows but the snapshot did not list left
+/// the graph while nobody watched. `trash` maps keys found in the trash listing to their trashed
+/// entity; those become `trashed` records, the rest `deleted` (version one past the known one).
+pub fn missing_after_snapshot(
+    view: &mut View,
+    ctx: &Ctx,
+    seen: &HashSet<String>,
+    trash: &HashMap<String, Map<String, Value>>,
+    trace: &TraceContext,
+) -> Vec<Group> {
+    let mut missing: Vec<String> = view
+        .active_keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
+    missing.sort();
+    let mut out = Vec::new();
+    for key in missing {
+        let Some((kind_str, id)) = key.split_once(':') else {
+            continue;
+        };
+        let kind = if kind_str == "link" {
+            EntityKind::Link
+        } else {
+            EntityKind::Node
+        };
+        let Some(known) = view.entities.get(&key) else {
+            continue;
+        };
+        let entry = match trash.get(&key) {
+            Some(t) => {
+                let mut e = t.clone();
+                e.insert("inTrash".into(), Value::Bool(true));
+                if e.get("version")
+                    .and_then(Value::as_u64)
+                    .is_none_or(|v| v <= known.version)
+                {
+                    e.insert("version".into(), Value::from(known.version + 1));
+                }
+                e
+            }
+            None => {
+                let mut e = Map::new();
+                e.insert("id".into(), Value::String(id.to_string()));
+                e.insert("deleted".into(), Value::Bool(true));
+                e
+            }
+        };
+        if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
+        {
+            out.push(g);
+        }
+    }
+    out
+}
+
+/// A dead-letter record for input that could not be used; its id is a hash of the bytes, so
+/// the same bad input always maps to the same record.
+pub fn dead_letter(
+    ctx: &Ctx,
+    event: &str,
+    raw: &[u8],
+    reason: &str,
+    trace: &TraceContext,
+) -> Group {
+    let hash = fnv1a(raw);
+    Group {
+        records: vec![Record {
+            id: format!("dlq:{event}:{hash:016x}"),
+            source: ctx.source.clone(),
+            subject: event.to_string(),
+            time: ctx.now.clone(),
+            sequence: 0,
+            trace: trace.clone(),
+            origin: Origin::Diff,
+            body: Body::DeadLetter {
+                event: event.to_string(),
+                reason: reason.to_string(),
+                raw: raw.to_vec(),
+            },
+        }],
+        tombstone: None,
+        ops: Vec::new(),
+    }
+}
+
+/// A record for one job-event frame; `index` is the frame's position in its client's stream.
+pub fn job_frame(
+    ctx: &Ctx,
+    client_id: &str,
+    index: u64,
+    frame: Map<String, Value>,
+    trace: &TraceContext,
+) -> Group {
+    let subject = frame
+        .get("jobId")
+        .or_else(|| frame.get("fileId"))
+        .and_then(Value::as_str)
+        .unwrap_or(client_id)
+        .to_string();
+    Group {
+        records: vec![Record {
+            id: format!("job:{client_id}:{index}"),
+            source: ctx.source.clone(),
+            subject,
+            time: ctx.now.clone(),
+            sequence: index,
+            trace: trace.clone(),
+            origin: Origin::Jobs,
+            body: Body::Job {
+                client_id: client_id.to_string(),
+                frame,
+            },
+        }],
+        tombstone: None,
+        ops: vec![CheckpointOp::JobPosition {
+            client_id: client_id.to_string(),
+            frames: index,
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> Ctx {
+        Ctx {
+            source: "synaptask://sim/users/u1".into(),
+            now: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    fn trace() -> TraceContext {
+        TraceContext::from_source("abcdef012345")
+    }
+
+    /// A node exactly as `graph:get` returns it in seed 001.
+    fn seed_node() -> Value {
+        json!({"id": "d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54", "title": "string", "description": "string",
+               "status": 0, "dueDate": "2025-09-13T10:00:00Z", "type": 0, "tags": ["backend", "urgent"],
+               "priority": 5, "independent": false, "volume": 5, "version": 0, "assignee": ["user1", "user2"],
+               "createdTime": "2025-09-13T10:00:00Z", "lastEditedTime": "2025-09-13T10:00:00Z",
+               "ownerUsername": "BLACK", "ownerEmail": "example@synaptask.space", "publicToken": "string",
+               "publicDue": "2026-09-13T10:00:00Z", "x": 0.0, "y": 0.0, "z": 0.0, "pinned": false,
+               "collapsed": false, "access": 0, "shareRoots": ["uuid1", "uuid2"]})
+    }
+
+    fn changed(o: Outcome) -> Group {
+        match o {
+            Outcome::Changed(g) => g,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_seed_000_diff_gives_update_and_status_change() {
+        let mut view = View::default();
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &obj(seed_node()),
+            Origin::Snapshot,
+            &trace(),
+        ));
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.node.created");
+        assert_eq!(r["id"], "node:d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54:0");
+        assert_eq!(r["before"], Value::Null);
+        assert_eq!(r["origin"], "snapshot");
+        // The second node entry of seed 000's graph:diff example, with a version.
+        let diff = json!({"nodes": [{"id": "d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54", "status": 2, "version": 3}], "links": []});
+        let (entries, bad) = diff_entries(&diff).unwrap();
+        assert!(bad.is_empty());
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            entries[0].0,
+            &entries[0].1,
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(g.records.len(), 2);
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.node.updated");
+        assert_eq!(r["sequence"], 3);
+        assert_eq!(r["changed"], json!(["status"]));
+        assert_eq!(r["before"]["status"], 0);
+        assert_eq!(r["after"]["status"], 2);
+        assert_eq!(r["after"]["title"], "string", "after is the full entity");
+        let s = g.records[1].to_json();
+        assert_eq!(s["id"], "status:d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54:3");
+        assert_eq!(s["from"]["name"], "Available");
+        assert_eq!(s["to"]["name"], "Blocked");
+        assert_eq!(
+            g.ops,
+            vec![CheckpointOp::Upsert {
+                key: "node:d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54".into(),
+                version: 3,
+                state: obj(r["after"].clone())
+            }]
+        );
+    }
+
+    #[test]
+    fn older_or_equal_versions_never_win() {
+        let mut view = View::default();
+        let mut n = obj(seed_node());
+        n.insert("version".into(), json!(5));
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &n,
+            Origin::Diff,
+            &trace(),
+        ));
+        let mut old = n.clone();
+        old.insert("version".into(), json!(4));
+        old.insert("title".into(), json!("older"));
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &old,
+                Origin::Snapshot,
+                &trace()
+            ),
+            Outcome::Stale
+        );
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &n,
+                Origin::Snapshot,
+                &trace()
+            ),
+            Outcome::Stale
+        );
+        assert_eq!(
+            view.get("node:d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54")
+                .unwrap()
+                .state["title"],
+            "string"
+        );
+    }
+
+    #[test]
+    fn trash_restore_delete_and_tombstone() {
+        let mut view = View::default();
+        let id = "d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54";
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &obj(seed_node()),
+            Origin::Snapshot,
+            &trace(),
+        ));
+        let trash = obj(
+            json!({"id": id, "inTrash": true, "version": 1, "lastEditedTime": "2026-01-01T00:00:01Z", "shareRoots": []}),
+        );
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &trash,
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(g.records[0].to_json()["type"], "synaptask.node.trashed");
+        let mut restore = obj(seed_node());
+        restore.insert("version".into(), json!(2));
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &restore,
+            Origin::Diff,
+            &trace(),
+        ));
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.node.restored");
+        assert_eq!(r["after"]["inTrash"], false);
+        let purge = obj(json!({"id": id, "deleted": true, "shareRoots": []}));
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &purge,
+            Origin::Diff,
+            &trace(),
+        ));
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.node.deleted");
+        assert_eq!(r["id"], format!("node:{id}:3"));
+        assert_eq!(r["after"], Value::Null);
+        assert_eq!(g.tombstone, Some((EntityKind::Node, id.to_string())));
+        assert_eq!(
+            g.ops,
+            vec![CheckpointOp::Remove {
+                key: format!("node:{id}")
+            }]
+        );
+        // A stale page cannot bring it back.
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &restore,
+                Origin::Snapshot,
+                &trace()
+            ),
+            Outcome::Stale
+        );
+    }
+
+    #[test]
+    fn partial_change_to_unknown_entity_needs_a_snapshot() {
+        let mut view = View::default();
+        let e = obj(json!({"id": "x", "status": 1, "version": 9}));
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &e,
+                Origin::Diff,
+                &trace()
+            ),
+            Outcome::NeedsSnapshot
+        );
+    }
+
+    #[test]
+    fn seed_001_link_and_op_shaped_entries() {
+        let mut view = View::default();
+        let link = json!({"id": "l1", "source": "a", "target": "b", "type": 0, "version": 0, "wasBlocker": false});
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Link,
+            &obj(link),
+            Origin::Snapshot,
+            &trace(),
+        ));
+        // The ack's op/before/after shape (facts §5.2), with unknown keys kept.
+        let payload = json!({"batchId": "b", "actor": {"username": "x"}, "links": [
+            {"op": 11, "before": {"id": "l1", "type": 0}, "after": {"id": "l1", "type": 1, "version": 1, "futureField": 7}}]});
+        let (entries, _) = diff_entries(&payload).unwrap();
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            entries[0].0,
+            &entries[0].1,
+            Origin::Diff,
+            &trace(),
+        ));
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.link.updated");
+        assert_eq!(r["changed"], json!(["futureField", "type"]));
+        assert_eq!(r["after"]["source"], "a");
+    }
+
+    #[test]
+    fn malformed_payloads_are_reported_not_panicked_on() {
+        assert!(diff_entries(&json!("nope")).is_err());
+        assert!(diff_entries(&json!({"nodes": 3})).is_err());
+        let (ok, bad) = diff_entries(&json!({"nodes": [1, {"id": "a", "version": 1}]})).unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(bad.len(), 1);
+        let mut view = View::default();
+        let no_version = obj(json!({"id": "a", "title": "t", "status": 0}));
+        assert!(matches!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &no_version,
+                Origin::Diff,
+                &trace()
+            ),
+            Outcome::Invalid(_)
+        ));
+        let g = dead_letter(&ctx(), "graph:diff", b"\xff{", "not JSON", &trace());
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.dead_letter");
+        assert_eq!(r["raw"], "/3s=");
+        assert_eq!(
+            g.records[0].id,
+            dead_letter(&ctx(), "graph:diff", b"\xff{", "x", &trace()).records[0].id
+        );
+    }
+
+    #[test]
+    fn missing_from_snapshot_is_trashed_or_deleted() {
+        let mut view = View::default();
+        for id in ["a", "b", "c"] {
+            let mut n = obj(seed_node());
+            n.insert("id".into(), json!(id));
+            n.insert("version".into(), json!(4));
+            changed(apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &n,
+                Origin::Snapshot,
+                &trace(),
+            ));
+        }
+        let seen: HashSet<String> = ["node:a".to_string()].into();
+        let trash: HashMap<String, Map<String, Value>> = [(
+            "node:b".to_string(),
+            obj(json!({"id": "b", "inTrash": true, "version": 5})),
+        )]
+        .into();
+        let groups = missing_after_snapshot(&mut view, &ctx(), &seen, &trash, &trace());
+        let types: Vec<(String, String)> = groups
+            .iter()
+            .map(|g| (g.records[0].id.clone(), g.records[0].event_type()))
+            .collect();
+        assert_eq!(
+            types,
+            vec![
+                ("node:b:5".to_string(), "synaptask.node.trashed".to_string()),
+                ("node:c:5".to_string(), "synaptask.node.deleted".to_string())
+            ]
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! The change record: its envelope (CloudEvents attributes), deterministic ids, trace context,
+//! and the JSON it encodes to. Ids depend only on the change (`{entity}:{uuid}:{version}`), so
+//! whichever path saw a change (snapshot or live diff) and however often it was sent, consumers
+//! can recognise duplicates.
+
+use serde_json::{json, Map, Value};
+
+/// The kind of entity a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntityKind {
+    /// A task node.
+    Node,
+    /// A dependency link.
+    Link,
+}
+
+impl EntityKind {
+    /// `node` or `link`: the record-id and type prefix.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::Node => "node",
+            EntityKind::Link => "link",
+        }
+    }
+
+    /// The checkpoint key of an entity of this kind.
+    pub fn key(self, id: &str) -> String {
+        format!("{}:{id}", self.as_str())
+    }
+}
+
+/// What happened to an entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// First seen.
+    Created,
+    /// Fields changed.
+    Updated,
+    /// Moved to trash.
+    Trashed,
+    /// Back from trash.
+    Restored,
+    /// Purged.
+    Deleted,
+}
+
+impl Change {
+    /// The last segment of the record type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Created => "created",
+            Change::Updated => "updated",
+            Change::Trashed => "trashed",
+            Change::Restored => "restored",
+            Change::Deleted => "deleted",
+        }
+    }
+}
+
+/// Which path saw the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A `graph:get` page (start-up or reconcile).
+    Snapshot,
+    /// A pushed `graph:diff`.
+    Diff,
+    /// A job-event frame.
+    Jobs,
+}
+
+impl Origin {
+    /// As the `origin` field spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Snapshot => "snapshot",
+            Origin::Diff => "diff",
+            Origin::Jobs => "jobs",
+        }
+    }
+}
+
+/// The trace a record belongs to: the source's `trace_id` where the event carried one, else one
+/// the connector started. The same id goes into `traceId`, the `trace_id` header and `traceparent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The id as `traceId` and the `trace_id` header carry it.
+    pub trace_id: String,
+    /// W3C `traceparent` whose trace-id embeds `trace_id` (left-padded with zeros to 32 hex).
+    pub traceparent: String,
+}
+
+impl TraceContext {
+    /// Continues the trace the source named (`trace_id` of an ack, 12 hex characters).
+    pub fn from_source(trace_id: &str) -> Self {
+        let hex: String = trace_id
+            .chars()
+            .filter(|c| c.is_ascii_hexdigit())
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        if hex.is_empty() || hex.len() > 32 || hex.chars().all(|c| c == '0') {
+            return Self::new_root();
+        }
+        let padded = format!("{hex:0>32}");
+        Self {
+            trace_id: trace_id.to_string(),
+            traceparent: format!("00-{padded}-{}-01", new_span_id()),
+        }
+    }
+
+    /// Starts a new trace for an event that carried none.
+    pub fn new_root() -> Self {
+        let trace = opentelemetry::trace::TraceId::from_bytes(rand::random::<[u8; 16]>());
+        let hex = format!("{trace}");
+        Self {
+            traceparent: format!("00-{hex}-{}-01", new_span_id()),
+            trace_id: hex,
+        }
+    }
+}
+
+fn new_span_id() -> String {
+    // An all-zero span id is invalid in traceparent; a random 8 bytes is never zero in practice,
+    // and the low bit forced on makes it certain.
+    let mut bytes = rand::random::<[u8; 8]>();
+    bytes[7] |= 1;
+    format!("{}", opentelemetry::trace::SpanId::from_bytes(bytes))
+}
+
+/// Task status codes and names (`/concepts/nodes`).
+pub fn status_name(code: i64) -> &'static str {
+    match code {
+        0 => "Available",
+        1 => "InProgress",
+        2 => "Blocked",
+        3 => "Completed",
+        _ => "Unknown",
+    }
+}
+
+/// The body of a record, by kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    /// A node or link change.
+    Entity {
+        /// Node or link.
+        kind: EntityKind,
+        /// What happened.
+        change: Change,
+        /// Full state before (null when first seen).
+        before: Option<Map<String, Value>>,
+        /// Full state after (null when deleted).
+        after: Option<Map<String, Value>>,
+        /// Fields whose value differs between before and after.
+        changed: Vec<String>,
+    },
+    /// A derived task status change (what automations subscribe to).
+    StatusChanged {
+        /// Previous status code.
+        from: i64,
+        /// New status code.
+        to: i64,
+        /// The node after the change.
+        after: Map<String, Value>,
+    },
+    /// Input that could not be parsed.
+    DeadLetter {
+        /// The event or frame kind it arrived as.
+        event: String,
+        /// Why it was refused.
+        reason: String,
+        /// The raw bytes.
+        raw: Vec<u8>,
+    },
+    /// A job-event frame of the job WebSocket API.
+    Job {
+        /// The job-API client id the frame arrived on.
+        client_id: String,
+        /// The frame as received.
+        frame: Map<String, Value>,
+    },
+}
+
+/// One change record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Deterministic id, e.g. `node:<uuid>:<version>`, `status:<uuid>:<version>`.
+    pub id: String,
+    /// `synaptask://<host>/users/<uid>`.
+    pub source: String,
+    /// The entity id (or the job id / dead-letter event).
+    pub subject: String,
+    /// RFC 3339 time of the change (the entity's `lastEditedTime` where known).
+    pub time: String,
+    /// The entity version the record carries.
+    pub sequence: u64,
+    /// Trace context.
+    pub trace: TraceContext,
+    /// Which path saw it.
+    pub origin: Origin,
+    /// The body.
+    pub body: Body,
+}
+
+impl Record {
+    /// The CloudEvents `type`, e.g. `synaptask.node.updated`.
+    pub fn event_type(&self) -> String {
+        match &self.body {
+            Body::Entity { kind, change, .. } => {
+                format!("synaptask.{}.{}", kind.as_str(), change.as_str())
+            }
+            Body::StatusChanged { .. } => "synaptask.task.status_changed".to_string(),
+            Body::DeadLetter { .. } => "synaptask.dead_letter".to_string(),
+            Body::Job { frame, .. } => {
+                let t = frame
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown");
+                format!("synaptask.job.{t}")
+            }
+        }
+    }
+
+    /// The last segment of the type, used as a NATS subject suffix.
+    pub fn event_name(&self) -> String {
+        match &self.body {
+            Body::Entity { change, .. } => change.as_str().to_string(),
+            Body::StatusChanged { .. } => "status_changed".to_string(),
+            Body::DeadLetter { .. } => "dead_letter".to_string(),
+            Body::Job { frame, .. } => frame
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+        }
+    }
+
+    /// The record as the JSON document consumers read.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "type": self.event_type(),
+            "source": self.source,
+            "subject": self.subject,
+            "time": self.time,
+            "sequence": self.sequence,
+            "traceId": self.trace.trace_id,
+            "origin": self.origin.as_str(),
+        });
+        let m = v.as_object_mut();
+        let Some(m) = m else { return v };
+        match &self.body {
+            Body::Entity {
+                before,
+                after,
+                changed,
+                ..
+            } => {
+                m.insert(
+                    "before".into(),
+                    before.clone().map_or(Value::Null, Value::Object),
+                );
+                m.insert(
+                    "after".into(),
+                    after.clone().map_or(Value::Null, Value::Object),
+                );
+                m.insert("changed".into(), json!(changed));
+            }
+            Body::StatusChanged { from, to, after } => {
+                m.insert(
+                    "from".into(),
+                    json!({"code": from, "name": status_name(*from)}),
+                );
+                m.insert("to".into(), json!({"code": to, "name": status_name(*to)}));
+                m.insert("after".into(), Value::Object(after.clone()));
+                m.insert("changed".into(), json!(["status"]));
+            }
+            Body::DeadLetter { event, reason, raw } => {
+                use base64::Engine;
+                m.insert("event".into(), json!(event));
+                m.insert("reason".into(), json!(reason));
+                m.insert(
+                    "raw".into(),
+                    json!(base64::engine::general_purpose::STANDARD.encode(raw)),
+                );
+            }
+            Body::Job { client_id, frame } => {
+                m.insert("clientId".into(), json!(client_id));
+                m.insert("data".into(), Value::Object(frame.clone()));
+            }
+        }
+        v
+    }
+}
+
+/// A stable 64-bit FNV-1a hash, for ids of records that have no version (dead letters).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_trace_id_is_kept_and_embedded_in_traceparent() {
+        let t = TraceContext::from_source("f3a12bc9e1d4");
+        assert_eq!(t.trace_id, "f3a12bc9e1d4");
+        let parts: Vec<&str> = t.traceparent.split('-').collect();
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1], "00000000000000000000f3a12bc9e1d4");
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(parts[3], "01");
+    }
+
+    #[test]
+    fn new_trace_uses_one_id_everywhere() {
+        let t = TraceContext::new_root();
+        assert_eq!(t.trace_id.len(), 32);
+        assert!(t.traceparent.contains(&t.trace_id));
+        assert_ne!(TraceContext::new_root().trace_id, t.trace_id);
+    }
+
+    #[test]
+    fn status_record_json() {
+        let r = Record {
+            id: "status:abc:4".into(),
+            source: "synaptask://h/users/u".into(),
+            subject: "abc".into(),
+            time: "2025-01-01T00:00:00Z".into(),
+            sequence: 4,
+            trace: TraceContext::from_source("0123456789ab"),
+            origin: Origin::Diff,
+            body: Body::StatusChanged {
+                from: 1,
+                to: 3,
+                after: Map::new(),
+            },
+        };
+        let v = r.to_json();
+        assert_eq!(v["type"], "synaptask.task.status_changed");
+        assert_eq!(v["from"], json!({"code": 1, "name": "InProgress"}));
+        assert_eq!(v["to"]["name"], "Completed");
+        assert_eq!(v["traceId"], "0123456789ab");
+    }
+}

@@ -1,0 +1,104 @@
+//! The seam between records and brokers: the [`Sink`] trait, the broker-neutral [`Message`]
+//! every sink publishes, and the errors sinks report.
+//!
+//! Publishing is two-phase so that order and acknowledgement stay separate: [`Sink::enqueue`]
+//! is awaited by one caller in record order and hands the message to the client library; the
+//! [`AckFuture`] it returns resolves when the broker has acknowledged that message. The
+//! delivery window (`crate::delivery`) holds those futures and advances the checkpoint over
+//! the contiguous prefix that has resolved.
+
+use std::sync::Arc;
+
+pub mod kafka;
+pub mod nats;
+pub mod stdout;
+
+use futures_util::future::BoxFuture;
+
+/// Which family of topics or subjects a message belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// Node change records (`synaptask.nodes`).
+    Nodes,
+    /// Link change records (`synaptask.links`).
+    Links,
+    /// Derived task status changes (`synaptask.status`).
+    Status,
+    /// Dead letters: input that could not be parsed (`synaptask.dlq`).
+    DeadLetter,
+    /// Job-event records from the job WebSocket API (`synaptask.jobs`).
+    Jobs,
+}
+
+/// One message for a broker, already encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Topic / subject family.
+    pub route: Route,
+    /// The event name that ends the record type (`created`, `updated`, `status_changed`, ...);
+    /// NATS subjects end with it.
+    pub event: String,
+    /// The record id (`node:<uuid>:<version>`): Kafka header `ce_id`, JetStream `Nats-Msg-Id`.
+    pub id: String,
+    /// Partition / compaction key: the entity id.
+    pub key: String,
+    /// Encoded record; `None` is a Kafka tombstone for `key` (NATS sinks skip tombstones).
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order (`ce_*`, `content-type`, `trace_id`, `traceparent`).
+    pub headers: Vec<(String, String)>,
+}
+
+/// Resolves when the broker acknowledged a message. Retryable failures are retried inside
+/// (the message id makes a resend detectable) until success, a fatal error, or shutdown.
+pub type AckFuture = BoxFuture<'static, Result<(), SinkError>>;
+
+/// Why a sink could not take or deliver a message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying: the broker is unreachable, a queue is full, a timeout passed.
+    #[error("{sink}: {message} (retryable)")]
+    Retryable {
+        /// Sink name.
+        sink: String,
+        /// What happened (no secrets).
+        message: String,
+    },
+    /// Not worth retrying: bad configuration, authorisation, a message the broker refuses.
+    #[error("{sink}: {message}")]
+    Fatal {
+        /// Sink name.
+        sink: String,
+        /// What happened (no secrets).
+        message: String,
+    },
+    /// The process is shutting down; the message may or may not have been delivered.
+    #[error("{sink}: cancelled by shutdown")]
+    Cancelled {
+        /// Sink name.
+        sink: String,
+    },
+}
+
+impl SinkError {
+    /// Whether the same operation may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Retryable { .. })
+    }
+}
+
+/// A broker the records go to.
+pub trait Sink: Send + Sync {
+    /// A short name for logs and metrics (`kafka`, `nats`, `stdout`, ...).
+    fn name(&self) -> &str;
+
+    /// Hands one message to the client library, in call order; resolves to the future of its
+    /// acknowledgement. Callers await this sequentially, so a sink may rely on call order.
+    fn enqueue(&self, msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>>;
+
+    /// Creates missing topics / streams when the configuration allows it, and checks the broker
+    /// answers; `taskstream check` and start-up call it once.
+    fn prepare(&self) -> BoxFuture<'_, Result<String, SinkError>>;
+
+    /// Waits until everything enqueued so far is acknowledged (on shutdown).
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+}

@@ -1,0 +1,118 @@
+//! The seam between the outside world and the pipeline: the [`Source`] trait, the events a
+//! source produces, and the control messages the pipeline sends back. One implementation per
+//! file below: [`synaptask`] (the Socket.IO API) and [`jobs`] (the job-event WebSocket API).
+
+pub mod jobs;
+pub mod synaptask;
+
+use std::collections::{HashMap, HashSet};
+
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::record::{EntityKind, TraceContext};
+
+/// What a source hands the pipeline, in the order the pipeline must apply it.
+#[derive(Debug, Clone)]
+pub enum SourceEvent {
+    /// A session is established: records get `source = synaptask://<host>/users/<uid>`.
+    Session {
+        /// The `source` attribute for records from now on.
+        source_uri: String,
+    },
+    /// A page of a snapshot (`graph:get`): full entities.
+    SnapshotPage {
+        /// Entities in page order.
+        items: Vec<(EntityKind, Map<String, Value>)>,
+        /// The page ack's trace.
+        trace: TraceContext,
+    },
+    /// The snapshot is complete. Diffs that arrived meanwhile come after this event.
+    SnapshotDone {
+        /// Keys (`node:<id>`, `link:<id>`) every page listed.
+        seen: HashSet<String>,
+        /// Trashed entities by key, from `trash:page` (empty when the server has no such event).
+        trash: HashMap<String, Map<String, Value>>,
+        /// The last page's trace.
+        trace: TraceContext,
+    },
+    /// A pushed `graph:diff` payload.
+    Diff {
+        /// The payload as received.
+        payload: Value,
+        /// A trace started for it (pushed diffs carry no `trace_id`).
+        trace: TraceContext,
+    },
+    /// A job-event frame, parsed.
+    Job {
+        /// The job-API client id.
+        client_id: String,
+        /// Position of the frame in that client's stream (1-based).
+        index: u64,
+        /// The frame.
+        frame: Map<String, Value>,
+    },
+    /// Input that could not be used at all; it becomes a dead letter.
+    Malformed {
+        /// The event or frame kind.
+        event: String,
+        /// The raw bytes.
+        raw: Vec<u8>,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the pipeline can ask of a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Take a fresh snapshot: changes were lost (a partial diff of an unknown entity, dropped diffs).
+    Reconcile {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// Why a source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The server refused the token: fatal, no retry (exit code 2).
+    #[error("authentication refused by {url}: {code} ({message})")]
+    Auth {
+        /// The server URL.
+        url: String,
+        /// The error code (`unauthorized`, `forbidden.auth_missing`, ...).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// A configuration problem (no token, bad URL): fatal.
+    #[error("{0}")]
+    Config(String),
+    /// The pipeline went away (shutdown in progress).
+    #[error("pipeline closed")]
+    PipelineClosed,
+}
+
+impl SourceError {
+    /// Sources retry everything retryable themselves; what they return is fatal.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// A producer of [`SourceEvent`]s.
+pub trait Source: Send {
+    /// A short name for logs.
+    fn name(&self) -> &str;
+
+    /// Runs until shutdown or a fatal error, sending events in order on `out`.
+    fn run(
+        self: Box<Self>,
+        out: mpsc::Sender<SourceEvent>,
+        control: mpsc::Receiver<Control>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>>;
+}

@@ -1,0 +1,140 @@
+//! The delivered checkpoint: what the brokers have acknowledged, per entity, plus whether the
+//! first snapshot was fully delivered. Only the delivery window writes it; after a crash the
+//! connector starts from it and publishes exactly the differences (`CheckpointStore` seam).
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+pub mod redb_store;
+
+/// An entity key: `node:<uuid>` or `link:<uuid>`.
+pub type EntityKey = String;
+
+/// The last delivered state of one entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityState {
+    /// The version of the last acknowledged record.
+    pub version: u64,
+    /// The full entity as that record's `after` had it.
+    pub state: Map<String, Value>,
+}
+
+/// Everything the checkpoint holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checkpoint {
+    /// Delivered entities (deleted ones removed).
+    pub entities: HashMap<EntityKey, EntityState>,
+    /// Whether a complete snapshot has been delivered at least once.
+    pub snapshot_complete: bool,
+    /// Job-event stream positions: client id -> frames delivered.
+    pub jobs: HashMap<String, u64>,
+}
+
+/// One change to the checkpoint, applied once its record and all before it are acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckpointOp {
+    /// The entity was delivered at this version with this full state.
+    Upsert {
+        /// Entity key.
+        key: EntityKey,
+        /// Delivered version.
+        version: u64,
+        /// Full state after the change.
+        state: Map<String, Value>,
+    },
+    /// The entity's deletion was delivered.
+    Remove {
+        /// Entity key.
+        key: EntityKey,
+    },
+    /// Every record of a full snapshot was delivered.
+    SnapshotComplete,
+    /// Job frames of a client delivered up to this count.
+    JobPosition {
+        /// Job-API client id.
+        client_id: String,
+        /// Frames delivered so far.
+        frames: u64,
+    },
+}
+
+/// Why the checkpoint store failed. Every variant is fatal for the run: continuing without a
+/// durable checkpoint would break "a checkpoint means delivered".
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The store could not be opened or created.
+    #[error("cannot open checkpoint store {path}: {message}")]
+    Open {
+        /// Store path.
+        path: String,
+        /// Cause.
+        message: String,
+    },
+    /// A read or write failed.
+    #[error("checkpoint store I/O failed: {0}")]
+    Io(String),
+    /// A stored value could not be decoded.
+    #[error("checkpoint store holds a value that cannot be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// Durable storage of the delivered checkpoint.
+pub trait CheckpointStore: Send {
+    /// Reads the whole checkpoint (at start-up).
+    fn load(&self) -> Result<Checkpoint, StateError>;
+
+    /// Applies ops in order in one durable transaction: when this returns Ok they survive a
+    /// kill -9 of the process.
+    fn apply(&mut self, ops: &[CheckpointOp]) -> Result<(), StateError>;
+}
+
+/// A checkpoint kept in memory only (the demo's default, and tests).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    checkpoint: Checkpoint,
+}
+
+impl CheckpointStore for MemoryStore {
+    fn load(&self) -> Result<Checkpoint, StateError> {
+        Ok(self.checkpoint.clone())
+    }
+
+    fn apply(&mut self, ops: &[CheckpointOp]) -> Result<(), StateError> {
+        for op in ops {
+            apply_op(&mut self.checkpoint, op);
+        }
+        Ok(())
+    }
+}
+
+/// Applies one op to an in-memory checkpoint; stores share it so they agree on semantics.
+pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
+    match op {
+        CheckpointOp::Upsert {
+            key,
+            version,
+            state,
+        } => {
+            // A delivered version never goes back, whatever order ops arrive in.
+            let keep = cp.entities.get(key).is_some_and(|e| e.version > *version);
+            if !keep {
+                cp.entities.insert(
+                    key.clone(),
+                    EntityState {
+                        version: *version,
+                        state: state.clone(),
+                    },
+                );
+            }
+        }
+        CheckpointOp::Remove { key } => {
+            cp.entities.remove(key);
+        }
+        CheckpointOp::SnapshotComplete => cp.snapshot_complete = true,
+        CheckpointOp::JobPosition { client_id, frames } => {
+            let e = cp.jobs.entry(client_id.clone()).or_default();
+            *e = (*e).max(*frames);
+        }
+    }
+}
