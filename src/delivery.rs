@@ -144,7 +144,7 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     /// Builds the window over `sinks` and loads the current checkpoint from `store` (a
     /// blocking read, done once at start-up), so [`Delivery::checkpoint`] matches the store
-    /// from the start.
+    /// from the start. Fails when the store cannot be read.
     pub fn new(
         sinks: Vec<Arc<dyn Sink>>,
         store: Box<dyn CheckpointStore>,
@@ -996,7 +996,7 @@ mod tests {
                     Some(g) => d.submit(vec![msg(&format!("m{g}"))], vec![job(g)]).await.unwrap(),
                     None => break,
                 },
-                r = d.next_ack() => { r.unwrap(); }
+                r = d.next_ack(), if d.in_flight() > 0 => { r.unwrap(); }
             }
         }
         producer.await.unwrap();
@@ -1036,6 +1036,24 @@ mod tests {
         assert_send(&d.submit(vec![], vec![]));
         assert_send(&d.next_ack());
         assert_send(&d.drain());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_load_fails_new() {
+        struct Unreadable;
+        impl CheckpointStore for Unreadable {
+            fn load(&self) -> Result<Checkpoint, StateError> {
+                Err(StateError::Corrupt("node:1: bad".into()))
+            }
+            fn apply(&mut self, _: &[CheckpointOp]) -> Result<(), StateError> {
+                Ok(())
+            }
+        }
+        let err = Delivery::new(vec![], Box::new(Unreadable), cfg(4, 4)).unwrap_err();
+        assert!(
+            matches!(err, DeliveryError::State(StateError::Corrupt(_))),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -126,6 +126,11 @@ fn new_span_id() -> String {
     format!("{}", opentelemetry::trace::SpanId::from_bytes(bytes))
 }
 
+/// Current UTC time as the API writes it: RFC 3339, second precision, `Z` (DECISIONS #16).
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
 /// Task status codes and names (`/concepts/nodes`).
 pub fn status_name(code: i64) -> &'static str {
     match code {

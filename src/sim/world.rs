@@ -223,10 +223,7 @@ pub struct World {
     pub stats: WorldStats,
 }
 
-/// Current UTC time in the API's format: RFC 3339, second precision, `Z` (DECISIONS #16).
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
+pub use crate::record::now_rfc3339;
 
 fn pair(a: Uuid, b: Uuid) -> (Uuid, Uuid) {
     if a < b {

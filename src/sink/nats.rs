@@ -13,6 +13,8 @@ use super::SinkError;
 pub struct NatsConfig {
     /// Whether this sink is on.
     pub enabled: bool,
+    /// Server URL.
+    pub url: String,
     /// bootstrap.servers.
     pub brokers: String,
     /// Create missing topics.

@@ -3,10 +3,20 @@
 //! connector starts from it and publishes exactly the differences (`CheckpointStore` seam).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 pub mod redb_store;
+
+/// `[state]`: where the delivered checkpoint is kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The redb file; unset keeps the checkpoint in memory (every start is then a first start).
+    pub path: Option<PathBuf>,
+}
 
 /// An entity key: `node:<uuid>` or `link:<uuid>`.
 pub type EntityKey = String;

@@ -1,0 +1,155 @@
+//! Durability of the delivered checkpoint across a kill -9: a child process (this test binary
+//! again, switched by an environment variable) commits checkpoints through `Delivery` into a
+//! `RedbStore` and reports each one; the parent SIGKILLs it right after a report and checks
+//! that the store opens, holds at least that checkpoint, and holds whole batches only.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt};
+use serde_json::json;
+use taskstream::delivery::{Delivery, DeliveryConfig};
+use taskstream::sink::{AckFuture, Message, Route, Sink, SinkError};
+use taskstream::state::redb_store::RedbStore;
+use taskstream::state::{CheckpointOp, CheckpointStore};
+
+/// Set in the child: the store path to write to.
+const CHILD_ENV: &str = "TASKSTREAM_KILL9_CHILD_STORE";
+/// Entities rewritten by every batch; all must carry the same version after the kill.
+const ENTITIES: u64 = 50;
+/// The parent kills after this batch is reported committed.
+const KILL_AFTER: u64 = 5;
+
+/// Acknowledges everything at once, so each group commits as soon as it is submitted.
+struct AckAll;
+
+impl Sink for AckAll {
+    fn name(&self) -> &str {
+        "ack-all"
+    }
+
+    fn enqueue(&self, _msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>> {
+        async { Ok(async { Ok(()) }.boxed()) }.boxed()
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, Result<String, SinkError>> {
+        async { Ok(String::new()) }.boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        async { Ok(()) }.boxed()
+    }
+}
+
+/// Batch `i`: every entity at version `i`, and the job position `i`.
+fn batch(i: u64) -> Vec<CheckpointOp> {
+    let mut ops: Vec<CheckpointOp> = (0..ENTITIES)
+        .map(|e| CheckpointOp::Upsert {
+            key: format!("node:{e}"),
+            version: i,
+            state: json!({ "id": e, "version": i, "pad": "x".repeat(200) })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        })
+        .collect();
+    ops.push(CheckpointOp::JobPosition {
+        client_id: "client".into(),
+        frames: i,
+    });
+    ops
+}
+
+/// The child's side; a no-op test unless the parent set `CHILD_ENV`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_child() -> anyhow::Result<()> {
+    let Some(path) = std::env::var_os(CHILD_ENV) else {
+        return Ok(());
+    };
+    let store = RedbStore::open(&PathBuf::from(path))?;
+    let cfg = DeliveryConfig {
+        max_in_flight: 16,
+        // One batch per transaction, so "whole batches only" is checkable.
+        max_batch: batch(0).len(),
+    };
+    let mut d = Delivery::new(vec![Arc::new(AckAll)], Box::new(store), cfg)?;
+    for i in 1.. {
+        let msg = Arc::new(Message {
+            route: Route::Nodes,
+            event: "updated".into(),
+            id: format!("batch:{i}"),
+            key: "batch".into(),
+            payload: Some(b"{}".to_vec()),
+            headers: vec![],
+        });
+        d.submit(vec![msg], batch(i)).await?;
+        d.drain().await?;
+        anyhow::ensure!(d.checkpoint().jobs.get("client") == Some(&i));
+        // The parent reads this line and kills at once.
+        println!("COMMITTED {i}");
+    }
+    Ok(())
+}
+
+#[test]
+fn checkpoint_survives_kill9_right_after_commit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("state/cp.redb");
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["kill9_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+
+    // Read in a thread so a child that never reports fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == format!("COMMITTED {KILL_AFTER}") => break,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("child never reported batch {KILL_AFTER}: {e}");
+            }
+        }
+    }
+    child.kill()?; // SIGKILL on unix: no destructor, no flush, no clean close
+    let status = child.wait()?;
+    assert!(!status.success(), "child was expected to die: {status}");
+
+    let cp = RedbStore::open(&path)?.load()?;
+    let committed = cp.jobs.get("client").copied().unwrap_or(0);
+    assert!(
+        committed >= KILL_AFTER,
+        "reported batch {KILL_AFTER} committed, store has {committed}"
+    );
+    assert_eq!(cp.entities.len() as u64, ENTITIES);
+    for (key, e) in &cp.entities {
+        assert_eq!(
+            e.version, committed,
+            "{key} is from another batch: torn transaction"
+        );
+        assert_eq!(e.state["version"], json!(committed));
+    }
+    Ok(())
+}
