@@ -136,13 +136,24 @@ async fn prepare(sink: &Arc<dyn Sink>, shutdown: &CancellationToken) -> Result<b
 async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> Result<(), AppError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| AppError::Metrics { addr: addr.to_string(), message: e.to_string() })?;
+        .map_err(|e| AppError::Metrics {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
     let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(|| async { metrics().render() }))
-        .route("/health", axum::routing::get(|| async { axum::Json(serde_json::json!({"ok": true})) }));
+        .route(
+            "/metrics",
+            axum::routing::get(|| async { metrics().render() }),
+        )
+        .route(
+            "/health",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+        );
     tracing::info!(%addr, "metrics endpoint up");
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
     });
     Ok(())
 }
@@ -170,12 +181,21 @@ impl Pipeline {
         }
         let messages = to_messages(&group, self.encoder.as_ref())?;
         self.summary.records += group.records.len() as u64;
-        metrics().records_total.fetch_add(group.records.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics().records_total.fetch_add(
+            group.records.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.delivery.submit(messages, group.ops).await?;
         Ok(())
     }
 
-    async fn dead_letter(&mut self, event: &str, raw: &[u8], reason: &str, trace: &TraceContext) -> Result<(), AppError> {
+    async fn dead_letter(
+        &mut self,
+        event: &str,
+        raw: &[u8],
+        reason: &str,
+        trace: &TraceContext,
+    ) -> Result<(), AppError> {
         inc(&metrics().dead_letters_total);
         self.summary.dead_letters += 1;
         tracing::warn!(event, %reason, bytes = raw.len(), trace_id = %trace.trace_id, "bad input sent to the dead-letter route");
@@ -183,17 +203,31 @@ impl Pipeline {
         self.submit(group).await
     }
 
-    async fn outcome(&mut self, o: Outcome, event: &str, raw: impl FnOnce() -> Vec<u8>, trace: &TraceContext) -> Result<(), AppError> {
+    async fn outcome(
+        &mut self,
+        o: Outcome,
+        event: &str,
+        covered: bool,
+        raw: impl FnOnce() -> Vec<u8>,
+        trace: &TraceContext,
+    ) -> Result<(), AppError> {
         match o {
             Outcome::Changed(g) => self.submit(g).await,
             Outcome::Stale => {
                 inc(&metrics().stale_changes_total);
                 Ok(())
             }
+            Outcome::NeedsSnapshot if covered => {
+                // The snapshot after it did not list the entity: it was purged since.
+                inc(&metrics().stale_changes_total);
+                Ok(())
+            }
             Outcome::NeedsSnapshot => {
                 if !self.reconcile_pending {
                     self.reconcile_pending = true;
-                    let _ = self.control.try_send(Control::Reconcile { reason: "a diff changed an entity never seen in full".into() });
+                    let _ = self.control.try_send(Control::Reconcile {
+                        reason: "a diff changed an entity never seen in full".into(),
+                    });
                 }
                 Ok(())
             }
@@ -207,37 +241,105 @@ impl Pipeline {
             SourceEvent::Session { source_uri } => self.ctx.source = source_uri,
             SourceEvent::SnapshotPage { items, trace } => {
                 for (kind, entity) in items {
-                    let o = normalize::apply_entity(&mut self.view, &self.ctx, kind, &entity, Origin::Snapshot, &trace);
-                    self.outcome(o, "graph:get", || Value::Object(entity.clone()).to_string().into_bytes(), &trace).await?;
+                    let o = normalize::apply_entity(
+                        &mut self.view,
+                        &self.ctx,
+                        kind,
+                        &entity,
+                        Origin::Snapshot,
+                        &trace,
+                    );
+                    self.outcome(
+                        o,
+                        "graph:get",
+                        true,
+                        || Value::Object(entity.clone()).to_string().into_bytes(),
+                        &trace,
+                    )
+                    .await?;
                 }
             }
             SourceEvent::SnapshotDone { seen, trash, trace } => {
-                let groups = normalize::missing_after_snapshot(&mut self.view, &self.ctx, &seen, &trash, &trace);
+                let groups = normalize::missing_after_snapshot(
+                    &mut self.view,
+                    &self.ctx,
+                    &seen,
+                    &trash,
+                    &trace,
+                );
                 for g in groups {
                     self.submit(g).await?;
                 }
                 self.reconcile_pending = false;
-                self.delivery.submit(Vec::new(), vec![crate::state::CheckpointOp::SnapshotComplete]).await?;
+                self.delivery
+                    .submit(
+                        Vec::new(),
+                        vec![crate::state::CheckpointOp::SnapshotComplete],
+                    )
+                    .await?;
                 tracing::info!(entities = self.view.len(), "snapshot merged");
             }
-            SourceEvent::Diff { payload, trace } => match normalize::diff_entries(&payload) {
-                Err(reason) => self.dead_letter("graph:diff", payload.to_string().as_bytes(), &reason, &trace).await?,
+            SourceEvent::Diff {
+                payload,
+                covered,
+                trace,
+            } => match normalize::diff_entries(&payload) {
+                Err(reason) => {
+                    self.dead_letter(
+                        "graph:diff",
+                        payload.to_string().as_bytes(),
+                        &reason,
+                        &trace,
+                    )
+                    .await?
+                }
                 Ok((entries, bad)) => {
                     for reason in bad {
-                        self.dead_letter("graph:diff", payload.to_string().as_bytes(), &reason, &trace).await?;
+                        self.dead_letter(
+                            "graph:diff",
+                            payload.to_string().as_bytes(),
+                            &reason,
+                            &trace,
+                        )
+                        .await?;
                     }
                     for (kind, entity) in entries {
-                        let o = normalize::apply_entity(&mut self.view, &self.ctx, kind, &entity, Origin::Diff, &trace);
-                        self.outcome(o, "graph:diff", || Value::Object(entity.clone()).to_string().into_bytes(), &trace).await?;
+                        let o = normalize::apply_entity(
+                            &mut self.view,
+                            &self.ctx,
+                            kind,
+                            &entity,
+                            Origin::Diff,
+                            &trace,
+                        );
+                        self.outcome(
+                            o,
+                            "graph:diff",
+                            covered,
+                            || Value::Object(entity.clone()).to_string().into_bytes(),
+                            &trace,
+                        )
+                        .await?;
                     }
                 }
             },
-            SourceEvent::Job { client_id, index, frame } => {
-                let g = normalize::job_frame(&self.ctx, &client_id, index, frame, &TraceContext::new_root());
+            SourceEvent::Job {
+                client_id,
+                index,
+                frame,
+            } => {
+                let g = normalize::job_frame(
+                    &self.ctx,
+                    &client_id,
+                    index,
+                    frame,
+                    &TraceContext::new_root(),
+                );
                 self.submit(g).await?;
             }
             SourceEvent::Malformed { event, raw, reason } => {
-                self.dead_letter(&event, &raw, &reason, &TraceContext::new_root()).await?;
+                self.dead_letter(&event, &raw, &reason, &TraceContext::new_root())
+                    .await?;
             }
         }
         Ok(())
@@ -245,7 +347,11 @@ impl Pipeline {
 }
 
 /// Runs the connector until `shutdown` fires, a fatal error, or `opts.max_records`.
-pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> Result<RunSummary, AppError> {
+pub async fn run(
+    cfg: Config,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, AppError> {
     let store = open_store(&cfg)?;
     let checkpoint = store.load()?;
     tracing::info!(
@@ -256,7 +362,11 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> 
     let sinks = build_sinks(&cfg)?;
     let source = SynapTaskSource::new(cfg.source.clone())?;
     let jobs = if cfg.jobs.enabled {
-        let delivered = checkpoint.jobs.get(&cfg.jobs.client_id).copied().unwrap_or(0);
+        let delivered = checkpoint
+            .jobs
+            .get(&cfg.jobs.client_id)
+            .copied()
+            .unwrap_or(0);
         Some(JobsSource::new(cfg.jobs.clone(), delivered)?)
     } else {
         None
@@ -274,13 +384,17 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> 
     let delivery = Delivery::new(
         sinks.clone(),
         store,
-        DeliveryConfig { max_in_flight: cfg.delivery.max_in_flight, max_batch: cfg.delivery.max_batch },
+        DeliveryConfig {
+            max_in_flight: cfg.delivery.max_in_flight,
+            max_batch: cfg.delivery.max_batch,
+        },
     );
     // Small: the sources hold their own buffers; this only decouples them from the pipeline.
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(256);
     let (control_tx, control_rx) = mpsc::channel::<Control>(4);
     let sources_stop = shutdown.child_token();
-    let mut source_task = tokio::spawn(Box::new(source).run(tx.clone(), control_rx, sources_stop.clone()));
+    let mut source_task =
+        tokio::spawn(Box::new(source).run(tx.clone(), control_rx, sources_stop.clone()));
     let jobs_task = jobs.map(|j| {
         let (_unused_tx, unused_rx) = mpsc::channel(1);
         tokio::spawn(Box::new(j).run(tx.clone(), unused_rx, sources_stop.clone()))
@@ -289,7 +403,10 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> 
 
     let mut p = Pipeline {
         view,
-        ctx: Ctx { source: format!("synaptask://{}/users/unknown", cfg.source.host()), now: String::new() },
+        ctx: Ctx {
+            source: format!("synaptask://{}/users/unknown", cfg.source.host()),
+            now: String::new(),
+        },
         delivery: delivery?,
         encoder: Box::new(JsonEncoder),
         control: control_tx,
@@ -328,6 +445,23 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> 
     }
     .await;
 
+    // A closed channel without shutdown means the source ended, perhaps with an error that
+    // must win (a refused token exits 2); its task finishes right after dropping the channel.
+    let result = match result {
+        Ok(()) if source_result.is_none() && !shutdown.is_cancelled() && !p.done() => {
+            match tokio::time::timeout(Duration::from_secs(5), &mut source_task).await {
+                Ok(joined) => {
+                    source_result = Some(Ok(()));
+                    match joined {
+                        Ok(Err(e)) => Err(AppError::from(e)),
+                        _ => Ok(()),
+                    }
+                }
+                Err(_) => Ok(()),
+            }
+        }
+        r => r,
+    };
     sources_stop.cancel();
     let drain = Duration::from_secs(cfg.delivery.drain_timeout_secs);
     let drained = match &result {
@@ -338,7 +472,10 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> 
     match drained {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "drain failed"),
-        Err(_) => tracing::warn!(in_flight = p.delivery.in_flight(), "drain timed out; undelivered records will be sent again after restart"),
+        Err(_) => tracing::warn!(
+            in_flight = p.delivery.in_flight(),
+            "drain timed out; undelivered records will be sent again after restart"
+        ),
     }
     for s in &sinks {
         if let Err(e) = s.flush().await {
@@ -352,6 +489,10 @@ pub async fn run(cfg: Config, opts: RunOptions, shutdown: CancellationToken) -> 
         j.abort();
     }
     result?;
-    tracing::info!(records = p.summary.records, dead_letters = p.summary.dead_letters, "stopped");
+    tracing::info!(
+        records = p.summary.records,
+        dead_letters = p.summary.dead_letters,
+        "stopped"
+    );
     Ok(p.summary)
 }

@@ -27,9 +27,17 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
     let mut out = Vec::new();
     let mut first_error = None;
     let mut note = |what: &str, r: Result<String, AppError>, out: &mut Vec<Finding>| match r {
-        Ok(detail) => out.push(Finding { what: what.into(), ok: true, detail }),
+        Ok(detail) => out.push(Finding {
+            what: what.into(),
+            ok: true,
+            detail,
+        }),
         Err(e) => {
-            out.push(Finding { what: what.into(), ok: false, detail: e.to_string() });
+            out.push(Finding {
+                what: what.into(),
+                ok: false,
+                detail: e.to_string(),
+            });
             if first_error.is_none() {
                 first_error = Some(e);
             }
@@ -39,7 +47,12 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
     note("source", check_source(cfg).await, &mut out);
     let store = app::open_store(cfg).and_then(|s| s.load());
     let state = match (store, cfg.state_path()) {
-        (Ok(cp), Some(p)) => Ok(format!("{}: {} entities delivered, snapshot complete: {}", p.display(), cp.entities.len(), cp.snapshot_complete)),
+        (Ok(cp), Some(p)) => Ok(format!(
+            "{}: {} entities delivered, snapshot complete: {}",
+            p.display(),
+            cp.entities.len(),
+            cp.snapshot_complete
+        )),
         (Ok(_), None) => Ok("in memory (state.path unset): every start is a first start".into()),
         (Err(e), _) => Err(e.into()),
     };
@@ -50,7 +63,10 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
                 let r = tokio::time::timeout(Duration::from_secs(15), s.prepare()).await;
                 let r = match r {
                     Ok(r) => r.map_err(AppError::from),
-                    Err(_) => Err(AppError::Sink(crate::sink::SinkError::Retryable { sink: s.name().into(), message: "no answer within 15 s".into() })),
+                    Err(_) => Err(AppError::Sink(crate::sink::SinkError::Retryable {
+                        sink: s.name().into(),
+                        message: "no answer within 15 s".into(),
+                    })),
                 };
                 note(&format!("sink {}", s.name()), r, &mut out);
             }
@@ -63,26 +79,48 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
 async fn check_source(cfg: &Config) -> Result<String, AppError> {
     let token = cfg.source.token()?;
     let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
-    let mut session = Session::open(&cfg.source.endpoint(), &token, 16, Duration::from_millis(cfg.source.ack_timeout_ms))
-        .await
-        .map_err(|e| SourceError::Config(format!("cannot reach {}: {e}", cfg.source.url)))?;
+    let mut session = Session::open(
+        &cfg.source.endpoint(),
+        &token,
+        16,
+        Duration::from_millis(cfg.source.ack_timeout_ms),
+    )
+    .await
+    .map_err(|e| SourceError::Config(format!("cannot reach {}: {e}", cfg.source.url)))?;
     let uid = match session.wait_connected(timeout).await {
         Ok(uid) => uid,
         Err(Refusal::Auth { code, message }) => {
             session.close().await;
-            return Err(SourceError::Auth { url: cfg.source.url.clone(), code, message }.into());
+            return Err(SourceError::Auth {
+                url: cfg.source.url.clone(),
+                code,
+                message,
+            }
+            .into());
         }
         Err(Refusal::Other(reason)) => {
             session.close().await;
-            return Err(SourceError::Config(format!("{}: session not established: {reason}", cfg.source.url)).into());
+            return Err(SourceError::Config(format!(
+                "{}: session not established: {reason}",
+                cfg.source.url
+            ))
+            .into());
         }
     };
-    let probe = session.call("graph:get", json!({"limit": 1, "offset": 0})).await;
+    let probe = session
+        .call("graph:get", json!({"limit": 1, "offset": 0}))
+        .await;
     session.close().await;
     let graph = match probe {
-        Ok(ack) if ack["ok"] == true => format!("graph:get answers (trace_id {})", ack["trace_id"].as_str().unwrap_or("-")),
+        Ok(ack) if ack["ok"] == true => format!(
+            "graph:get answers (trace_id {})",
+            ack["trace_id"].as_str().unwrap_or("-")
+        ),
         Ok(ack) => format!("graph:get answered {}", ack["error"]),
         Err(e) => format!("graph:get: {e}"),
     };
-    Ok(format!("{} connected as user {uid}; {graph}", cfg.source.url))
+    Ok(format!(
+        "{} connected as user {uid}; {graph}",
+        cfg.source.url
+    ))
 }

@@ -9,11 +9,11 @@ use figment::providers::{Env, Format as _, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
-use crate::source::jobs::JobsConfig;
-use crate::source::synaptask::SynapTaskConfig;
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::nats::NatsConfig;
 use crate::sink::stdout::StdoutConfig;
+use crate::source::jobs::JobsConfig;
+use crate::source::synaptask::SynapTaskConfig;
 use crate::state::StateConfig;
 
 /// The whole configuration.
@@ -51,7 +51,11 @@ pub struct DeliverySection {
 
 impl Default for DeliverySection {
     fn default() -> Self {
-        Self { max_in_flight: 20_000, max_batch: 5_000, drain_timeout_secs: 30 }
+        Self {
+            max_in_flight: 20_000,
+            max_batch: 5_000,
+            drain_timeout_secs: 30,
+        }
     }
 }
 
@@ -131,10 +135,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.source.validate().map_err(ConfigError::Invalid)?;
         if !(self.sinks.stdout.enabled || self.sinks.kafka.enabled || self.sinks.nats.enabled) {
-            return Err(ConfigError::Invalid("no sink enabled: enable sinks.stdout, sinks.kafka or sinks.nats".into()));
+            return Err(ConfigError::Invalid(
+                "no sink enabled: enable sinks.stdout, sinks.kafka or sinks.nats".into(),
+            ));
         }
         if self.delivery.max_in_flight == 0 || self.delivery.max_batch == 0 {
-            return Err(ConfigError::Invalid("delivery.max_in_flight and delivery.max_batch must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "delivery.max_in_flight and delivery.max_batch must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -163,12 +171,18 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let err = parse("[source]\nurl = \"http://x\"\npage_limt = 10\n").unwrap_err().to_string();
+        let err = parse("[source]\nurl = \"http://x\"\npage_limt = 10\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("page_limt"), "{err}");
-        let err = parse("[sinks.kafka]\nbrokerz = \"x\"\n").unwrap_err().to_string();
+        let err = parse("[sinks.kafka]\nbrokerz = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("brokerz"), "{err}");
         // A token is not a config key: secrets come from the environment or a file.
-        let err = parse("[source]\ntoken = \"st_x\"\n").unwrap_err().to_string();
+        let err = parse("[source]\ntoken = \"st_x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("token"), "{err}");
         assert!(!err.contains("st_x"), "the value is not echoed: {err}");
     }
@@ -190,9 +204,13 @@ mod tests {
 
     #[test]
     fn validation_errors_name_the_key() {
-        let err = parse("[source]\npage_limit = 9000\n").unwrap_err().to_string();
+        let err = parse("[source]\npage_limit = 9000\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("source.page_limit"), "{err}");
-        let err = parse("[sinks.stdout]\nenabled = false\n").unwrap_err().to_string();
+        let err = parse("[sinks.stdout]\nenabled = false\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no sink enabled"), "{err}");
     }
 }

@@ -173,7 +173,9 @@ impl Delivery {
     /// messages (ops only, e.g. `SnapshotComplete`): it still waits its turn.
     ///
     /// Retryable `enqueue` errors are retried with backoff (10 ms doubling to 1 s, no limit,
-    /// acks processed meanwhile). Ends with a commit when groups at the head completed.
+    /// acks processed meanwhile). Never waits for the store: when groups at the head have
+    /// completed it starts their commit and returns; `next_ack`, `drain` or the next `submit`
+    /// record it (so [`Delivery::checkpoint`] moves only then).
     ///
     /// Not cancel-safe: if this future is dropped half-way, the group may be partly published
     /// and then never completes, so the checkpoint stays before it (safe, but it no longer
@@ -203,7 +205,7 @@ impl Delivery {
             group.sealed = true;
         }
         self.advance();
-        self.commit_ready().await
+        self.kick_commit()
     }
 
     /// Waits for the next acknowledgement(s) and applies the checkpoint for the contiguous
@@ -212,7 +214,9 @@ impl Delivery {
     ///
     /// Cancel-safe: every ack future and a running commit live in `self`, and an ack is
     /// recorded with no await in between, so dropping this future (e.g. in `tokio::select!`)
-    /// loses no ack and no op; the next call carries on.
+    /// loses no ack and no op; the next call carries on. In a `select!` loop, guard it with
+    /// `if delivery.in_flight() > 0` (it returns at once otherwise); a commit left running then
+    /// is picked up by the next `submit` or by `drain`.
     pub async fn next_ack(&mut self) -> Result<bool, DeliveryError> {
         if self.commit.is_none() && self.ready.is_empty() && !self.wait_for_acks().await? {
             return Ok(false);
@@ -234,7 +238,9 @@ impl Delivery {
         self.in_flight
     }
 
-    /// The checkpoint as last committed (kept in memory, equal to what the store holds).
+    /// The checkpoint as last committed (kept in memory, equal to what the store holds once
+    /// the commit `submit` may have left running is recorded by `next_ack`, `drain` or the
+    /// next `submit`; until then the store is at most that one transaction ahead).
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
     }
@@ -383,49 +389,86 @@ impl Delivery {
         }
     }
 
-    /// Commits `ready` in transactions of up to `max_batch` ops, finishing first any commit a
-    /// dropped call left running.
+    /// Commits `ready` in transactions of up to `max_batch` ops, finishing first any commit
+    /// already running (left by `submit` or by a dropped call).
     async fn commit_ready(&mut self) -> Result<(), DeliveryError> {
         loop {
             let commit = match self.commit {
                 Some(ref mut commit) => commit,
-                None if self.ready.is_empty() => return Ok(()),
-                None => {
-                    let n = self.ready.len().min(self.max_batch);
-                    let ops = Arc::new(self.ready.drain(..n).collect::<Vec<_>>());
-                    let batch = Arc::clone(&ops);
-                    let store = Arc::clone(&self.store);
-                    let task = tokio::task::spawn_blocking(move || {
-                        let mut store = store.lock().map_err(|_| {
-                            StateError::Io("checkpoint store lock poisoned by a panic".into())
-                        })?;
-                        store.apply(&batch)
-                    });
-                    self.commit.insert(Commit { ops, task })
-                }
+                None => match self.start_commit() {
+                    Some(commit) => commit,
+                    None => return Ok(()),
+                },
             };
             let ops = Arc::clone(&commit.ops);
             let joined = (&mut commit.task).await;
             self.commit = None;
-            let result = joined.unwrap_or_else(|e| {
-                Err(StateError::Io(format!(
-                    "checkpoint writer task failed: {e}"
-                )))
-            });
-            if let Err(e) = result {
-                // Back at the head, so a retry commits the same ops in the same order (they are
-                // idempotent) and nothing after them sneaks in first.
-                for op in ops.iter().rev() {
-                    self.ready.push_front(op.clone());
-                }
-                return Err(e.into());
-            }
-            for op in ops.iter() {
-                apply_op(&mut self.checkpoint, op);
-            }
-            metrics::inc(&metrics().checkpoint_commits_total);
-            tracing::debug!(ops = ops.len(), "checkpoint committed");
+            self.finish_commit(&ops, joined)?;
         }
+    }
+
+    /// The non-waiting `commit_ready` of `submit`: records a commit that has ended and starts
+    /// the next, so publishing goes on while the store syncs.
+    fn kick_commit(&mut self) -> Result<(), DeliveryError> {
+        if let Some(commit) = self.commit.as_mut() {
+            if !commit.task.is_finished() {
+                return Ok(());
+            }
+            // Finished, so this is ready unless the task's coop budget says "later"; then a
+            // later call collects it.
+            let Some(joined) = (&mut commit.task).now_or_never() else {
+                return Ok(());
+            };
+            let ops = Arc::clone(&commit.ops);
+            self.commit = None;
+            self.finish_commit(&ops, joined)?;
+        }
+        self.start_commit();
+        Ok(())
+    }
+
+    /// Starts a store transaction on the blocking pool with the next `max_batch` ready ops.
+    fn start_commit(&mut self) -> Option<&mut Commit> {
+        if self.ready.is_empty() {
+            return None;
+        }
+        let n = self.ready.len().min(self.max_batch);
+        let ops = Arc::new(self.ready.drain(..n).collect::<Vec<_>>());
+        let batch = Arc::clone(&ops);
+        let store = Arc::clone(&self.store);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut store = store
+                .lock()
+                .map_err(|_| StateError::Io("checkpoint store lock poisoned by a panic".into()))?;
+            store.apply(&batch)
+        });
+        Some(self.commit.insert(Commit { ops, task }))
+    }
+
+    fn finish_commit(
+        &mut self,
+        ops: &[CheckpointOp],
+        joined: Result<Result<(), StateError>, tokio::task::JoinError>,
+    ) -> Result<(), DeliveryError> {
+        let result = joined.unwrap_or_else(|e| {
+            Err(StateError::Io(format!(
+                "checkpoint writer task failed: {e}"
+            )))
+        });
+        if let Err(e) = result {
+            // Back at the head, so a retry commits the same ops in the same order (they are
+            // idempotent) and nothing after them sneaks in first.
+            for op in ops.iter().rev() {
+                self.ready.push_front(op.clone());
+            }
+            return Err(e.into());
+        }
+        for op in ops {
+            apply_op(&mut self.checkpoint, op);
+        }
+        metrics::inc(&metrics().checkpoint_commits_total);
+        tracing::debug!(ops = ops.len(), "checkpoint committed");
+        Ok(())
     }
 }
 
@@ -938,10 +981,49 @@ mod tests {
         assert!(d.checkpoint().snapshot_complete);
         assert_eq!(rec.all_ops(), vec![job(1), CheckpointOp::SnapshotComplete]);
 
-        // With nothing ahead of it, submit commits it right away.
+        // With nothing ahead of it, submit starts its commit at once; drain sees it through.
         d.submit(vec![], vec![job(2)]).await.unwrap();
+        // The store is written in the background, with no next_ack to drive it.
+        for _ in 0..200 {
+            if rec.batch_sizes().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rec.batch_sizes(), vec![2, 1]);
+        d.drain().await.unwrap();
         assert_eq!(d.checkpoint().jobs["c"], 2);
         assert!(!d.next_ack().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn submit_does_not_wait_for_the_store() {
+        let log = Log::default();
+        let a = FakeSink::new("a", &log);
+        let rec = Recorder {
+            delay: Duration::from_millis(300),
+            ..Recorder::default()
+        };
+        let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(10, 10)).unwrap();
+        let t = std::time::Instant::now();
+        d.submit(vec![], vec![job(1)]).await.unwrap(); // starts a 300 ms commit
+        for g in 0..5 {
+            d.submit(vec![msg(&format!("m{g}"))], vec![job(2 + g)])
+                .await
+                .unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(d.checkpoint().jobs.is_empty());
+        for g in 0..5 {
+            a.ack(&format!("m{g}"));
+        }
+        d.drain().await.unwrap();
+        assert_eq!(rec.batch_sizes(), vec![1, 5]);
+        assert_eq!(d.checkpoint().jobs["c"], 6);
     }
 
     #[tokio::test]
@@ -949,7 +1031,7 @@ mod tests {
         let log = Log::default();
         let a = FakeSink::new("a", &log);
         let rec = Recorder {
-            delay: Duration::from_millis(150),
+            delay: Duration::from_millis(400),
             ..Recorder::default()
         };
         let mut d = Delivery::new(sinks(&[&a]), rec.store(), cfg(10, 10)).unwrap();
@@ -1063,6 +1145,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(d.in_flight(), 0);
+        d.drain().await.unwrap();
         assert_eq!(d.checkpoint().jobs["c"], 3);
     }
 }

@@ -59,7 +59,10 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<RunSu
         Some(s) if s.starts_with("kafka://") => {
             cfg.sinks.stdout.enabled = false;
             cfg.sinks.kafka.enabled = true;
-            cfg.sinks.kafka.brokers = s.trim_start_matches("kafka://").trim_end_matches('/').to_string();
+            cfg.sinks.kafka.brokers = s
+                .trim_start_matches("kafka://")
+                .trim_end_matches('/')
+                .to_string();
             cfg.sinks.kafka.create_topics = true;
         }
         Some(s) if s.starts_with("nats://") => {
@@ -71,7 +74,13 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<RunSu
     }
     let sim_stop = shutdown.child_token();
     let handle = sim::start(
-        SimConfig { seed: opts.seed, rate: opts.rate, nodes: opts.nodes, links: opts.links, ..SimConfig::default() },
+        SimConfig {
+            seed: opts.seed,
+            rate: opts.rate,
+            nodes: opts.nodes,
+            links: opts.links,
+            ..SimConfig::default()
+        },
         sim_stop.clone(),
     )
     .await?;
@@ -89,12 +98,22 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<RunSu
         handle.jobs_port,
         opts.sink.as_deref().unwrap_or("stdout")
     );
-    let result = app::run(cfg, RunOptions { max_records: opts.records }, shutdown.clone()).await;
+    let result = app::run(
+        cfg,
+        RunOptions {
+            max_records: opts.records,
+        },
+        shutdown.clone(),
+    )
+    .await;
     let _ = std::fs::remove_file(&token_file);
     sim_stop.cancel();
     handle.join().await;
     let summary = result?;
-    eprintln!("taskstream demo: {} records ({} dead letters)", summary.records, summary.dead_letters);
+    eprintln!(
+        "taskstream demo: {} records ({} dead letters)",
+        summary.records, summary.dead_letters
+    );
     Ok(summary)
 }
 

@@ -100,7 +100,12 @@ async fn main() -> ExitCode {
             };
             let (findings, error) = taskstream::check::check(&cfg).await;
             for f in &findings {
-                println!("{} {:<12} {}", if f.ok { "ok  " } else { "FAIL" }, f.what, f.detail);
+                println!(
+                    "{} {:<12} {}",
+                    if f.ok { "ok  " } else { "FAIL" },
+                    f.what,
+                    f.detail
+                );
             }
             match error {
                 None => ExitCode::SUCCESS,

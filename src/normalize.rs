@@ -391,9 +391,11 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// After a full snapshot: every active entity the view knows but the snapshot did not list left
-/// the graph while nobody watched. `trash` maps keys found in the trash listing to their trashed
-/// entity; those become `trashed` records, the rest `deleted` (version one past the known one).
+/// After a full snapshot: the trash listing and the disappearances. Every entity `trash` lists
+/// (by key) ends trashed in the view, whether it was known or not (`graph:get` never lists
+/// trashed items, so this is the only way to learn of them); every other active entity the
+/// view knows but the snapshot did not list was purged while nobody watched and becomes a
+/// `deleted` record (version one past the known one).
 pub fn missing_after_snapshot(
     view: &mut View,
     ctx: &Ctx,
@@ -401,50 +403,55 @@ pub fn missing_after_snapshot(
     trash: &HashMap<String, Map<String, Value>>,
     trace: &TraceContext,
 ) -> Vec<Group> {
-    let mut missing: Vec<String> = view
+    let mut out = Vec::new();
+    let mut trashed: Vec<&String> = trash.keys().filter(|k| !seen.contains(*k)).collect();
+    trashed.sort();
+    for key in trashed {
+        let Some((kind, _)) = split_key(key) else {
+            continue;
+        };
+        let mut entry = trash[key].clone();
+        entry.insert("inTrash".into(), Value::Bool(true));
+        if let Some(known) = view.entities.get(key) {
+            // An active entity cannot be in trash at the same version; the trash op bumped it.
+            let listed = entry.get("version").and_then(Value::as_u64);
+            if !is_trashed(&known.state) && listed.is_none_or(|v| v <= known.version) {
+                entry.insert("version".into(), Value::from(known.version + 1));
+            }
+        }
+        if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
+        {
+            out.push(g);
+        }
+    }
+    let mut gone: Vec<String> = view
         .active_keys()
-        .filter(|k| !seen.contains(*k))
+        .filter(|k| !seen.contains(*k) && !trash.contains_key(*k))
         .cloned()
         .collect();
-    missing.sort();
-    let mut out = Vec::new();
-    for key in missing {
-        let Some((kind_str, id)) = key.split_once(':') else {
+    gone.sort();
+    for key in gone {
+        let Some((kind, id)) = split_key(&key) else {
             continue;
         };
-        let kind = if kind_str == "link" {
-            EntityKind::Link
-        } else {
-            EntityKind::Node
-        };
-        let Some(known) = view.entities.get(&key) else {
-            continue;
-        };
-        let entry = match trash.get(&key) {
-            Some(t) => {
-                let mut e = t.clone();
-                e.insert("inTrash".into(), Value::Bool(true));
-                if e.get("version")
-                    .and_then(Value::as_u64)
-                    .is_none_or(|v| v <= known.version)
-                {
-                    e.insert("version".into(), Value::from(known.version + 1));
-                }
-                e
-            }
-            None => {
-                let mut e = Map::new();
-                e.insert("id".into(), Value::String(id.to_string()));
-                e.insert("deleted".into(), Value::Bool(true));
-                e
-            }
-        };
+        let mut entry = Map::new();
+        entry.insert("id".into(), Value::String(id.to_string()));
+        entry.insert("deleted".into(), Value::Bool(true));
         if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
         {
             out.push(g);
         }
     }
     out
+}
+
+fn split_key(key: &str) -> Option<(EntityKind, &str)> {
+    let (kind, id) = key.split_once(':')?;
+    match kind {
+        "node" => Some((EntityKind::Node, id)),
+        "link" => Some((EntityKind::Link, id)),
+        _ => None,
+    }
 }
 
 /// A dead-letter record for input that could not be used; its id is a hash of the bytes, so
@@ -815,6 +822,9 @@ mod tests {
         let trash: HashMap<String, Map<String, Value>> = [(
             "node:b".to_string(),
             obj(json!({"id": "b", "inTrash": true, "version": 5})),
+        ), (
+            "node:z".to_string(),
+            obj(json!({"id": "z", "title": "never seen", "status": 1, "inTrash": true, "version": 9})),
         )]
         .into();
         let groups = missing_after_snapshot(&mut view, &ctx(), &seen, &trash, &trace());
@@ -826,6 +836,7 @@ mod tests {
             types,
             vec![
                 ("node:b:5".to_string(), "synaptask.node.trashed".to_string()),
+                ("node:z:9".to_string(), "synaptask.node.trashed".to_string()),
                 ("node:c:5".to_string(), "synaptask.node.deleted".to_string())
             ]
         );

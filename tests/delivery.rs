@@ -124,7 +124,8 @@ fn checkpoint_survives_kill9_right_after_commit() -> anyhow::Result<()> {
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line == format!("COMMITTED {KILL_AFTER}") => break,
+            // libtest may print its "test kill9_child ... " prefix on the same line.
+            Ok(line) if line.ends_with(&format!("COMMITTED {KILL_AFTER}")) => break,
             Ok(_) => continue,
             Err(e) => {
                 let _ = child.kill();

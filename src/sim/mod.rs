@@ -83,6 +83,12 @@ pub struct SimConfig {
     /// Length of the read window in milliseconds (documented: 10000).
     #[arg(long, default_value_t = 10_000)]
     pub read_window_ms: u64,
+    /// Start with the generator paused (`POST /resume` starts it).
+    #[arg(long)]
+    pub start_paused: bool,
+    /// Leave the first N read requests unanswered (no ack at all), for client timeout tests.
+    #[arg(long, default_value_t = 0)]
+    pub drop_reads: u64,
 }
 
 impl Default for SimConfig {
@@ -105,6 +111,8 @@ impl Default for SimConfig {
             max_sessions: 10,
             read_limit: 5,
             read_window_ms: 10_000,
+            start_paused: false,
+            drop_reads: 0,
         }
     }
 }
@@ -220,6 +228,8 @@ pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHan
         read_window: Duration::from_millis(cfg.read_window_ms),
     };
     let sim = Sim::new(world, limits);
+    sim.paused.store(cfg.start_paused, Ordering::SeqCst);
+    sim.drop_reads.store(cfg.drop_reads, Ordering::SeqCst);
     *lock(&sim.load) = load;
 
     let api = bind(&cfg.bind, cfg.port).await?;

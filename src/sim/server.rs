@@ -104,6 +104,8 @@ pub struct Sim {
     pub world: Mutex<World>,
     pub counters: Counters,
     pub paused: AtomicBool,
+    /// Read requests still to leave unanswered (`--drop-reads`).
+    pub drop_reads: AtomicU64,
     limits: Limits,
     ip_window: Mutex<SlidingWindow<IpAddr>>,
     user_window: Mutex<SlidingWindow<usize>>,
@@ -178,6 +180,7 @@ impl Sim {
             world: Mutex::new(world),
             counters: Counters::default(),
             paused: AtomicBool::new(false),
+            drop_reads: AtomicU64::new(0),
             ip_window: Mutex::new(SlidingWindow::new(
                 limits.connect_per_ip,
                 limits.connect_window,
@@ -302,6 +305,14 @@ impl Sim {
                 move |TryData(data): TryData<Value>, ack: AckSender| {
                     let sim = sim.clone();
                     async move {
+                        let dropping = sim
+                            .drop_reads
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        if dropping {
+                            tracing::info!(event, "read left unanswered (--drop-reads)");
+                            return;
+                        }
                         let reply = sim.read(user, event, data.unwrap_or(Value::Null));
                         ack.send(&reply).ok();
                     }

@@ -28,6 +28,8 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
@@ -50,6 +52,10 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Deliveries this long without progress make the watchdog check the topics.
 const STALL_AFTER: Duration = Duration::from_secs(2);
+/// Deliveries this long without progress, although the broker answers and has every topic,
+/// replace the producer: a broker that lost its producer state answers an old producer id with
+/// UNKNOWN_PRODUCER_ID until the message timeout, and librdkafka keeps retrying meanwhile.
+const STALL_RESET_AFTER: Duration = Duration::from_secs(10);
 /// First wait of a recovery (lets the rest of a failing burst land) and its growth limit.
 const RECOVERY_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -103,7 +109,11 @@ impl fmt::Debug for KafkaConfig {
             .properties
             .iter()
             .map(|(k, v)| {
-                let shown = if is_sensitive_property(k) { "***" } else { v.as_str() };
+                let shown = if is_sensitive_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
                 (k.as_str(), shown)
             })
             .collect();
@@ -122,7 +132,9 @@ impl fmt::Debug for KafkaConfig {
 
 fn is_sensitive_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "jaas", "ssl.key.pem", "token"].iter().any(|s| k.contains(s))
+    ["password", "secret", "jaas", "ssl.key.pem", "token"]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 /// `[sinks.kafka.topics]`: the topic of each record family.
@@ -245,6 +257,17 @@ struct DeliveryContext {
 }
 
 impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // librdkafka logs each broker failure and also raises it as an error event (below);
+        // keep the log copy quiet unless it is severe.
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(sink = NAME, facility = fac, "librdkafka: {message}")
+            }
+            _ => tracing::debug!(sink = NAME, facility = fac, "librdkafka: {message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         // librdkafka's reasons name brokers and error codes, never credentials.
         tracing::warn!(sink = NAME, error = %error, "librdkafka: {reason}");
@@ -307,11 +330,17 @@ fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
 }
 
 fn fatal(message: impl Into<String>) -> SinkError {
-    SinkError::Fatal { sink: NAME.into(), message: message.into() }
+    SinkError::Fatal {
+        sink: NAME.into(),
+        message: message.into(),
+    }
 }
 
 fn retryable(message: impl Into<String>) -> SinkError {
-    SinkError::Retryable { sink: NAME.into(), message: message.into() }
+    SinkError::Retryable {
+        sink: NAME.into(),
+        message: message.into(),
+    }
 }
 
 /// A client creation error without the offending value, which may be a secret.
@@ -329,7 +358,9 @@ impl KafkaSink {
     /// background). Fails on invalid properties or an unset `password_env` variable.
     pub fn new(cfg: &KafkaConfig) -> Result<Self, SinkError> {
         if cfg.partitions < 1 || cfg.replication_factor < 1 {
-            return Err(fatal("partitions and replication_factor must be at least 1"));
+            return Err(fatal(
+                "partitions and replication_factor must be at least 1",
+            ));
         }
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &cfg.brokers);
@@ -382,13 +413,17 @@ impl KafkaSink {
         });
         let producer = shared.new_producer(0)?;
         shared.lock().producer = Some(Arc::new(producer));
-        Ok(Self { shared, worker: OnceLock::new() })
+        Ok(Self {
+            shared,
+            worker: OnceLock::new(),
+        })
     }
 
     /// Starts the recovery worker on first use (it needs a Tokio runtime, which `new` may not
     /// have).
     fn ensure_worker(&self) {
-        self.worker.get_or_init(|| tokio::spawn(worker(self.shared.clone())));
+        self.worker
+            .get_or_init(|| tokio::spawn(worker(self.shared.clone())));
     }
 }
 
@@ -408,7 +443,10 @@ impl Shared {
     }
 
     fn new_producer(self: &Arc<Self>, generation: u64) -> Result<KafkaProducer, SinkError> {
-        let context = DeliveryContext { shared: Arc::downgrade(self), generation };
+        let context = DeliveryContext {
+            shared: Arc::downgrade(self),
+            generation,
+        };
         ThreadedProducer::from_config_and_context(&self.config, context)
             .map_err(|e| fatal(describe_client_error(&e)))
     }
@@ -425,17 +463,30 @@ impl Shared {
 
     /// Hands one message to the current producer and books it as sent. Called with the books
     /// locked, which is fine: `produce` neither blocks nor calls back.
-    fn send_locked(books: &mut Books, topics: &KafkaTopics, seq: usize, pending: Pending) -> Result<(), (KafkaError, Pending)> {
+    fn send_locked(
+        books: &mut Books,
+        topics: &KafkaTopics,
+        seq: usize,
+        pending: Pending,
+    ) -> Result<(), (KafkaError, Pending)> {
         let Some(producer) = books.producer.clone() else {
-            return Err((KafkaError::MessageProduction(RDKafkaErrorCode::Fail), pending));
+            return Err((
+                KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
+                pending,
+            ));
         };
         let msg = pending.msg.clone();
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (key, value) in &msg.headers {
-            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
         }
         let mut record: BaseRecord<'_, str, [u8], usize> =
-            BaseRecord::with_opaque_to(topics.topic(msg.route), seq).key(msg.key.as_str()).headers(headers);
+            BaseRecord::with_opaque_to(topics.topic(msg.route), seq)
+                .key(msg.key.as_str())
+                .headers(headers);
         if let Some(payload) = &msg.payload {
             record = record.payload(payload.as_slice());
         }
@@ -453,7 +504,11 @@ impl Shared {
     fn start_recovery(&self, books: &mut Books, why: &str) {
         if !books.recovering {
             books.recovering = true;
-            tracing::warn!(sink = NAME, reason = why, "delivery failed; recovering (resending in order)");
+            tracing::warn!(
+                sink = NAME,
+                reason = why,
+                "delivery failed; recovering (resending in order)"
+            );
             self.wake.notify_one();
         }
     }
@@ -467,7 +522,9 @@ impl Shared {
             // by a newer one, whose report is the one that counts).
             _ => return,
         }
-        let Some((_, pending)) = books.sent.remove(&seq) else { return };
+        let Some((_, pending)) = books.sent.remove(&seq) else {
+            return;
+        };
         match error {
             None => {
                 drop(books);
@@ -509,7 +566,10 @@ impl Shared {
                 .filter(|t| t.error().is_none() && !t.partitions().is_empty())
                 .map(|t| t.name())
                 .collect();
-            Ok(wanted.into_iter().filter(|t| !present.contains(t.as_str())).collect())
+            Ok(wanted
+                .into_iter()
+                .filter(|t| !present.contains(t.as_str()))
+                .collect())
         })
         .await
         .map_err(|e| format!("metadata task failed: {e}"))?
@@ -517,18 +577,30 @@ impl Shared {
 
     /// Creates `names` (compacted or not per family) and waits until metadata lists them.
     async fn create_missing(&self, names: &[String]) -> Result<(), String> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.config.create().map_err(|e| describe_client_error(&e))?;
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .create()
+            .map_err(|e| describe_client_error(&e))?;
         let compacted = self.topics.distinct();
         let new_topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|name| {
-                let policy = if compacted.get(name).copied().unwrap_or(false) { "compact" } else { "delete" };
-                NewTopic::new(name, self.partitions, TopicReplication::Fixed(self.replication_factor))
-                    .set("cleanup.policy", policy)
+                let policy = if compacted.get(name).copied().unwrap_or(false) {
+                    "compact"
+                } else {
+                    "delete"
+                };
+                NewTopic::new(
+                    name,
+                    self.partitions,
+                    TopicReplication::Fixed(self.replication_factor),
+                )
+                .set("cleanup.policy", policy)
             })
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(ADMIN_TIMEOUT))
+            .request_timeout(Some(ADMIN_TIMEOUT));
         let results = admin
             .create_topics(new_topics.iter(), &options)
             .await
@@ -547,7 +619,10 @@ impl Shared {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(format!("created topics not visible in metadata: {}", missing.join(", ")));
+                return Err(format!(
+                    "created topics not visible in metadata: {}",
+                    missing.join(", ")
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -558,7 +633,10 @@ impl Shared {
         let missing = self.missing_topics().await.map_err(retryable)?;
         if !missing.is_empty() {
             if !self.create_topics {
-                return Err(fatal(format!("missing topics {} and create_topics is off", missing.join(", "))));
+                return Err(fatal(format!(
+                    "missing topics {} and create_topics is off",
+                    missing.join(", ")
+                )));
             }
             self.create_missing(&missing).await.map_err(retryable)?;
         }
@@ -598,6 +676,8 @@ impl Shared {
             }
         }
         drop(current);
+        // Checked before replacing the producer, so a long outage does not churn producers.
+        let missing = self.missing_topics().await?;
 
         let generation = self.lock().generation + 1;
         let fresh = Arc::new(self.new_producer(generation).map_err(|e| e.to_string())?);
@@ -614,13 +694,17 @@ impl Shared {
         {
             let mut books = self.lock();
             let stragglers = std::mem::take(&mut books.sent);
-            books.backlog.extend(stragglers.into_iter().map(|(seq, (_, p))| (seq, p)));
+            books
+                .backlog
+                .extend(stragglers.into_iter().map(|(seq, (_, p))| (seq, p)));
         }
 
-        let missing = self.missing_topics().await?;
         if !missing.is_empty() {
             if !self.create_topics {
-                return Err(format!("missing topics {} and create_topics is off", missing.join(", ")));
+                return Err(format!(
+                    "missing topics {} and create_topics is off",
+                    missing.join(", ")
+                ));
             }
             self.create_missing(&missing).await?;
         }
@@ -628,32 +712,44 @@ impl Shared {
         let mut resent = 0usize;
         let mut wait = QUEUE_FULL_WAIT_MIN;
         loop {
-            let mut books = self.lock();
-            if books.restart {
-                return Err("a resent message failed again".into());
-            }
-            let Some((seq, pending)) = books.backlog.pop_first() else {
-                books.recovering = false;
-                return Ok(resent);
-            };
-            match Self::send_locked(&mut books, &self.topics, seq, pending) {
-                Ok(()) => {
-                    resent += 1;
-                    wait = QUEUE_FULL_WAIT_MIN;
+            // The guard must not live across the sleep, hence the block.
+            let queue_full = {
+                let mut books = self.lock();
+                if books.restart {
+                    return Err("a resent message failed again".into());
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), pending)) => {
-                    books.backlog.insert(seq, pending);
-                    drop(books);
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(QUEUE_FULL_WAIT_MAX);
-                }
-                Err((e, pending)) => match classify(&e) {
-                    Class::Fatal(reason) => pending.resolve(Err(fatal(reason))),
-                    Class::Retry => {
-                        books.backlog.insert(seq, pending);
-                        return Err(format!("resend failed: {e}"));
+                let Some((seq, pending)) = books.backlog.pop_first() else {
+                    books.recovering = false;
+                    // The stall clock restarts with the resent messages.
+                    self.mark_progress();
+                    return Ok(resent);
+                };
+                match Self::send_locked(&mut books, &self.topics, seq, pending) {
+                    Ok(()) => {
+                        resent += 1;
+                        false
                     }
-                },
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), pending)) => {
+                        books.backlog.insert(seq, pending);
+                        true
+                    }
+                    Err((e, pending)) => match classify(&e) {
+                        Class::Fatal(reason) => {
+                            pending.resolve(Err(fatal(reason)));
+                            false
+                        }
+                        Class::Retry => {
+                            books.backlog.insert(seq, pending);
+                            return Err(format!("resend failed: {e}"));
+                        }
+                    },
+                }
+            };
+            if queue_full {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(QUEUE_FULL_WAIT_MAX);
+            } else {
+                wait = QUEUE_FULL_WAIT_MIN;
             }
         }
     }
@@ -663,7 +759,10 @@ impl Shared {
         let (sent, backlog) = {
             let mut books = self.lock();
             books.recovering = false;
-            (std::mem::take(&mut books.sent), std::mem::take(&mut books.backlog))
+            (
+                std::mem::take(&mut books.sent),
+                std::mem::take(&mut books.backlog),
+            )
         };
         tracing::error!(sink = NAME, "{reason}");
         for (_, (_, pending)) in sent {
@@ -674,10 +773,10 @@ impl Shared {
         }
     }
 
-    /// Whether deliveries have been outstanding without progress for a while.
-    fn stalled(&self) -> bool {
+    /// How long deliveries have been outstanding without progress (outside a recovery).
+    fn stalled_for(&self) -> Option<Duration> {
         let books = self.lock();
-        !books.recovering && !books.sent.is_empty() && self.since_progress() >= STALL_AFTER
+        (!books.recovering && !books.sent.is_empty()).then(|| self.since_progress())
     }
 }
 
@@ -687,18 +786,21 @@ async fn worker(shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(WATCHDOG_INTERVAL) => {
-                if !shared.stalled() {
+                let Some(stalled) = shared.stalled_for().filter(|d| *d >= STALL_AFTER) else {
                     continue;
-                }
-                match shared.missing_topics().await {
+                };
+                let why = match shared.missing_topics().await {
                     Ok(missing) if !missing.is_empty() => {
-                        let why = format!("deliveries stalled and topics are missing: {}", missing.join(", "));
-                        let mut books = shared.lock();
-                        shared.start_recovery(&mut books, &why);
+                        format!("deliveries stalled and topics are missing: {}", missing.join(", "))
                     }
-                    // Unreachable broker or topics present: librdkafka keeps retrying.
+                    Ok(_) if stalled >= STALL_RESET_AFTER => {
+                        format!("deliveries stalled for {stalled:?} although the broker answers")
+                    }
+                    // An unreachable broker: librdkafka keeps reconnecting and retrying.
                     _ => continue,
-                }
+                };
+                let mut books = shared.lock();
+                shared.start_recovery(&mut books, &why);
             }
         }
         shared.recover().await;
@@ -718,43 +820,45 @@ impl Sink for KafkaSink {
             let mut pending = Pending { msg, tx };
             let mut wait = QUEUE_FULL_WAIT_MIN;
             loop {
-                let mut books = shared.lock();
-                let seq = books.next_seq;
-                if books.recovering {
-                    books.next_seq += 1;
-                    books.backlog.insert(seq, pending);
-                    break;
-                }
-                if books.sent.is_empty() {
-                    // Stalls are measured from the first message after an idle spell.
-                    shared.mark_progress();
-                }
-                match Shared::send_locked(&mut books, &shared.topics, seq, pending) {
-                    Ok(()) => {
+                // The guard must not live across the sleep, hence the block.
+                let queue_full = {
+                    let mut books = shared.lock();
+                    let seq = books.next_seq;
+                    if books.recovering {
                         books.next_seq += 1;
+                        books.backlog.insert(seq, pending);
                         break;
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), p)) => {
-                        // Callers await enqueue one at a time, so waiting here keeps the order.
-                        drop(books);
-                        pending = p;
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(QUEUE_FULL_WAIT_MAX);
+                    if books.sent.is_empty() {
+                        // Stalls are measured from the first message after an idle spell.
+                        shared.mark_progress();
                     }
-                    Err((e, p)) => match classify(&e) {
-                        Class::Fatal(reason) => return Err(fatal(reason)),
-                        Class::Retry => {
-                            metrics::inc(&metrics::metrics().sink_retries_total);
+                    match Shared::send_locked(&mut books, &shared.topics, seq, pending) {
+                        Ok(()) => {
                             books.next_seq += 1;
-                            books.backlog.insert(seq, p);
-                            shared.start_recovery(&mut books, &e.to_string());
                             break;
                         }
-                    },
-                }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), p)) => p,
+                        Err((e, p)) => match classify(&e) {
+                            Class::Fatal(reason) => return Err(fatal(reason)),
+                            Class::Retry => {
+                                metrics::inc(&metrics::metrics().sink_retries_total);
+                                books.next_seq += 1;
+                                books.backlog.insert(seq, p);
+                                shared.start_recovery(&mut books, &e.to_string());
+                                break;
+                            }
+                        },
+                    }
+                };
+                // Callers await enqueue one at a time, so waiting here keeps the order.
+                pending = queue_full;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(QUEUE_FULL_WAIT_MAX);
             }
             let ack: AckFuture = async move {
-                rx.await.unwrap_or_else(|_| Err(SinkError::Cancelled { sink: NAME.into() }))
+                rx.await
+                    .unwrap_or_else(|_| Err(SinkError::Cancelled { sink: NAME.into() }))
             }
             .boxed();
             Ok(ack)
@@ -766,7 +870,10 @@ impl Sink for KafkaSink {
         async move {
             self.ensure_worker();
             let topics = self.shared.ensure_topics().await?;
-            Ok(format!("kafka {}: {topics} topics ready", self.shared.brokers))
+            Ok(format!(
+                "kafka {}: {topics} topics ready",
+                self.shared.brokers
+            ))
         }
         .boxed()
     }
@@ -778,7 +885,10 @@ impl Sink for KafkaSink {
             loop {
                 let (done, producer) = {
                     let books = self.shared.lock();
-                    let lowest = [books.sent.keys().next(), books.backlog.keys().next()].into_iter().flatten().min();
+                    let lowest = [books.sent.keys().next(), books.backlog.keys().next()]
+                        .into_iter()
+                        .flatten()
+                        .min();
                     (lowest.is_none_or(|s| *s >= target), books.producer.clone())
                 };
                 if done {
@@ -786,7 +896,10 @@ impl Sink for KafkaSink {
                 }
                 if let Some(producer) = producer {
                     // flush() sends lingering batches now and blocks while it waits.
-                    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_millis(100))).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        producer.flush(Duration::from_millis(100))
+                    })
+                    .await;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -817,10 +930,14 @@ mod tests {
     #[test]
     fn debug_hides_secret_properties() {
         let mut cfg = KafkaConfig::default();
-        cfg.properties.insert("sasl.password".into(), "hunter2".into());
+        cfg.properties
+            .insert("sasl.password".into(), "hunter2".into());
         cfg.properties.insert("sasl.username".into(), "svc".into());
         let shown = format!("{cfg:?}");
-        assert!(!shown.contains("hunter2") && shown.contains("svc"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("svc"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -831,6 +948,8 @@ mod tests {
         };
         let err = KafkaSink::new(&cfg).err().unwrap();
         assert!(!err.is_retryable());
-        assert!(err.to_string().contains("TASKSTREAM_TEST_UNSET_KAFKA_PASSWORD"));
+        assert!(err
+            .to_string()
+            .contains("TASKSTREAM_TEST_UNSET_KAFKA_PASSWORD"));
     }
 }

@@ -1,61 +1,846 @@
-//! PLACEHOLDER written by the lead so the crate compiles while the NATS sink is being written:
-//! only the config struct as specified. The sink helper replaces this whole file.
+//! The NATS sink: subjects per [`Route`], JetStream publishes acknowledged and de-duplicated by
+//! `Nats-Msg-Id`, or core NATS publishes.
+//!
+//! JetStream (the default) is at-least-once: a publish whose ack does not come (timeout,
+//! server down, no responders while the server restarts) is sent again with the same
+//! `Nats-Msg-Id` until the stream acknowledges it, so the stream's duplicate window drops the
+//! copies. Each ack is awaited on its own task, so publish permits are returned even when the
+//! caller polls its [`AckFuture`] late.
+//!
+//! Core NATS has no acknowledgement: a message counts as delivered once the client wrote it to
+//! the socket. A message written just before the server dies is lost, and subscribers miss
+//! whatever is published while they are disconnected, so core mode is at-most-once.
+//!
+//! Tombstones (no payload) only mean something to a compacted Kafka topic and are skipped.
 
-use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use serde::Deserialize;
+use tokio::sync::{oneshot, OnceCell};
+use tokio_util::sync::CancellationToken;
 
-use super::SinkError;
+use super::{AckFuture, Message, Route, Sink, SinkError};
+use crate::metrics;
+use crate::secret::Secret;
 
-/// `[sinks.nats]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+const NAME: &str = "nats";
+/// Bound on one connect attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Resend backoff after a failed JetStream publish.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Reconnect delay bound: short, so a restarted server is found quickly.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Retry warnings are logged at most this often; the retry counter has the full count.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+/// Resends after "no responders" look the stream up at most this often.
+const STREAM_RECHECK: Duration = Duration::from_secs(1);
+/// JetStream's duplicate window for a stream this sink creates.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// `[sinks.nats]`: core NATS or JetStream.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Whether this sink is on.
     pub enabled: bool,
-    /// Server URL.
+    /// Server URL (`nats://host:port`; several may be comma-separated).
     pub url: String,
-    /// bootstrap.servers.
-    pub brokers: String,
-    /// Create missing topics.
-    pub create_topics: bool,
-    /// Partitions of created topics.
-    pub partitions: i32,
-    /// Replication factor of created topics.
-    pub replication_factor: i32,
-    /// librdkafka properties.
-    pub properties: BTreeMap<String, String>,
-    /// Env var holding sasl.password.
+    /// `jetstream` (acknowledged, de-duplicated) or `core` (fire and forget).
+    pub mode: NatsMode,
+    /// The JetStream stream that captures the subjects.
+    pub stream: String,
+    /// Create the stream when it is missing, capturing every subject this sink publishes to.
+    pub create_stream: bool,
+    /// Subject per record family.
+    pub subjects: NatsSubjects,
+    /// How long to wait for a JetStream publish ack (or a core flush) before resending (ms).
+    pub ack_timeout_ms: u64,
+    /// Environment variable holding the user name (with `password_env`).
+    pub user_env: Option<String>,
+    /// Environment variable holding the password (with `user_env`). Never logged.
     pub password_env: Option<String>,
+    /// Environment variable holding an authentication token. Never logged.
+    pub token_env: Option<String>,
 }
 
-/// Placeholder.
-pub struct NatsSink;
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: "nats://127.0.0.1:4222".into(),
+            mode: NatsMode::default(),
+            stream: "SYNAPTASK".into(),
+            create_stream: true,
+            subjects: NatsSubjects::default(),
+            ack_timeout_ms: 10_000,
+            user_env: None,
+            password_env: None,
+            token_env: None,
+        }
+    }
+}
+
+/// How messages are published.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NatsMode {
+    /// Plain publish; at-most-once (see the module docs).
+    Core,
+    /// Publish to a stream and wait for its ack; at-least-once.
+    #[default]
+    JetStream,
+}
+
+/// `[sinks.nats.subjects]`: the subject of each record family.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSubjects {
+    /// Node records go to `<nodes>.<event>` (e.g. `synaptask.nodes.updated`).
+    pub nodes: String,
+    /// Link records go to `<links>.<event>`.
+    pub links: String,
+    /// Status records go to this subject exactly.
+    pub status: String,
+    /// Dead letters go to this subject exactly.
+    pub dlq: String,
+    /// Job-event records go to `<jobs>.<event>`.
+    pub jobs: String,
+}
+
+impl Default for NatsSubjects {
+    fn default() -> Self {
+        Self {
+            nodes: "synaptask.nodes".into(),
+            links: "synaptask.links".into(),
+            status: "synaptask.status".into(),
+            dlq: "synaptask.dlq".into(),
+            jobs: "synaptask.jobs".into(),
+        }
+    }
+}
+
+impl NatsSubjects {
+    /// The subject a message is published to.
+    pub fn subject(&self, msg: &Message) -> String {
+        let with_event = |base: &str| format!("{base}.{}", msg.event);
+        match msg.route {
+            Route::Nodes => with_event(&self.nodes),
+            Route::Links => with_event(&self.links),
+            Route::Jobs => with_event(&self.jobs),
+            Route::Status => self.status.clone(),
+            Route::DeadLetter => self.dlq.clone(),
+        }
+    }
+
+    /// The subjects a stream needs to capture everything this sink publishes, without
+    /// patterns that another one already covers (the server rejects overlapping subjects).
+    pub fn stream_subjects(&self) -> Vec<String> {
+        let candidates = [
+            format!("{}.>", self.nodes),
+            format!("{}.>", self.links),
+            format!("{}.>", self.jobs),
+            self.status.clone(),
+            self.dlq.clone(),
+        ];
+        let mut out: Vec<String> = Vec::new();
+        for (i, subject) in candidates.iter().enumerate() {
+            let covered = candidates
+                .iter()
+                .enumerate()
+                .any(|(j, other)| j != i && other != subject && subject_matches(other, subject));
+            if !covered && !out.contains(subject) {
+                out.push(subject.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Whether `pattern` (with `*` and `>` wildcards) matches every subject `subject` matches.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A subject the server accepts for a publish: non-empty tokens, no wildcards or spaces.
+fn valid_publish_subject(subject: &str) -> bool {
+    subject
+        .split('.')
+        .all(|t| !t.is_empty() && t != "*" && t != ">" && !t.chars().any(|c| c.is_whitespace()))
+}
+
+/// Publishes to NATS (see the module docs). Connects on first use.
+pub struct NatsSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    mode: NatsMode,
+    stream: String,
+    create_stream: bool,
+    subjects: NatsSubjects,
+    ack_timeout: Duration,
+    user_password: Option<(Secret, Secret)>,
+    token: Option<Secret>,
+    conn: OnceCell<Conn>,
+    /// One stream lookup / creation at a time; holds when the last one ran.
+    stream_checked: tokio::sync::Mutex<Option<Instant>>,
+    /// Ends pending resend loops when the sink is dropped.
+    shutdown: CancellationToken,
+    /// JetStream acks still awaited by their tasks; `flush` waits for zero.
+    awaiting_acks: AtomicUsize,
+    /// Milliseconds since `epoch` of the last retry warning.
+    last_warn_ms: AtomicU64,
+    epoch: Instant,
+}
+
+#[derive(Clone)]
+struct Conn {
+    client: Client,
+    js: jetstream::Context,
+}
+
+fn fatal(message: impl Into<String>) -> SinkError {
+    SinkError::Fatal {
+        sink: NAME.into(),
+        message: message.into(),
+    }
+}
+
+fn retryable(message: impl Into<String>) -> SinkError {
+    SinkError::Retryable {
+        sink: NAME.into(),
+        message: message.into(),
+    }
+}
+
+/// The URL without user info, which may hold a password.
+fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &u[..scheme + 3], &u[at..])
+            }
+            (None, Some(at)) => format!("***{}", &u[at..]),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn load_secret(var: Option<&str>, what: &str) -> Result<Option<Secret>, SinkError> {
+    let Some(var) = var else { return Ok(None) };
+    Secret::load(Some(var), None)
+        .map_err(|e| fatal(e.to_string()))?
+        .map(Some)
+        .ok_or_else(|| fatal(format!("{what}: variable {var} is unset or empty")))
+}
+
+/// Whether a JetStream publish error is worth a resend.
+fn publish_error(e: &jetstream::context::PublishError) -> SinkError {
+    let message = e.to_string();
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => fatal(message),
+        PublishErrorKind::Other => {
+            let api =
+                std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
+            match api.map(|a| a.error_code()) {
+                Some(
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                    | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                    | ErrorCode::STREAM_SEALED,
+                ) => fatal(message),
+                _ => retryable(message),
+            }
+        }
+        // Timeouts, a lost connection, no stream listening yet, too many acks pending.
+        _ => retryable(message),
+    }
+}
 
 impl NatsSink {
-    /// Placeholder.
-    pub fn new(_cfg: &NatsConfig) -> Result<Self, SinkError> {
-        Err(SinkError::Fatal {
-            sink: "nats".into(),
-            message: "not built yet".into(),
+    /// Checks the config and reads the credentials; the connection is made on first use
+    /// (`prepare` or `enqueue`), so a server that starts later is fine.
+    pub fn new(cfg: &NatsConfig) -> Result<Self, SinkError> {
+        if cfg.url.trim().is_empty() {
+            return Err(fatal("url is empty"));
+        }
+        if cfg.mode == NatsMode::JetStream && cfg.stream.trim().is_empty() {
+            return Err(fatal("stream is empty"));
+        }
+        if cfg.ack_timeout_ms == 0 {
+            return Err(fatal("ack_timeout_ms must be positive"));
+        }
+        for (family, subject) in [
+            ("nodes", &cfg.subjects.nodes),
+            ("links", &cfg.subjects.links),
+            ("status", &cfg.subjects.status),
+            ("dlq", &cfg.subjects.dlq),
+            ("jobs", &cfg.subjects.jobs),
+        ] {
+            if !valid_publish_subject(subject) {
+                return Err(fatal(format!(
+                    "subjects.{family}: invalid subject {subject:?}"
+                )));
+            }
+        }
+        let user = load_secret(cfg.user_env.as_deref(), "user_env")?;
+        let password = load_secret(cfg.password_env.as_deref(), "password_env")?;
+        let user_password = match (user, password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => return Err(fatal("user_env and password_env must be set together")),
+        };
+        let token = load_secret(cfg.token_env.as_deref(), "token_env")?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                url: cfg.url.clone(),
+                mode: cfg.mode,
+                stream: cfg.stream.clone(),
+                create_stream: cfg.create_stream,
+                subjects: cfg.subjects.clone(),
+                ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
+                user_password,
+                token,
+                conn: OnceCell::new(),
+                stream_checked: tokio::sync::Mutex::new(None),
+                shutdown: CancellationToken::new(),
+                awaiting_acks: AtomicUsize::new(0),
+                last_warn_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
         })
     }
 }
 
-impl super::Sink for NatsSink {
-    fn name(&self) -> &str {
-        "nats"
+impl Drop for NatsSink {
+    fn drop(&mut self) {
+        self.inner.shutdown.cancel();
     }
-    fn enqueue(
+}
+
+impl Inner {
+    /// The connection, made on first use; a failed attempt is retried by the next call.
+    async fn conn(&self) -> Result<&Conn, SinkError> {
+        self.conn.get_or_try_init(|| self.connect()).await
+    }
+
+    async fn connect(&self) -> Result<Conn, SinkError> {
+        let url = redact_url(&self.url);
+        let mut options = ConnectOptions::new()
+            .name("taskstream")
+            .connection_timeout(CONNECT_TIMEOUT)
+            .request_timeout(Some(self.ack_timeout))
+            // Reconnect forever, quickly: the sink resends whatever the outage swallowed.
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                let exp = u32::try_from(attempts.min(10)).unwrap_or(10);
+                (Duration::from_millis(50) * 2u32.pow(exp)).min(RECONNECT_MAX)
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!(sink = NAME, "connected"),
+                    async_nats::Event::Closed => tracing::info!(sink = NAME, "connection closed"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(sink = NAME, "disconnected; reconnecting")
+                    }
+                    other => tracing::warn!(sink = NAME, "{other}"),
+                }
+            });
+        if let Some((user, password)) = &self.user_password {
+            options =
+                options.user_and_password(user.expose().to_string(), password.expose().to_string());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.expose().to_string());
+        }
+        let client =
+            match tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(self.url.as_str()))
+                .await
+            {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    let message = format!("connect {url}: {}", e.kind());
+                    return Err(match e.kind() {
+                        ConnectErrorKind::Authentication
+                        | ConnectErrorKind::AuthorizationViolation
+                        | ConnectErrorKind::ServerParse
+                        | ConnectErrorKind::Tls => fatal(message),
+                        _ => retryable(message),
+                    });
+                }
+                Err(_) => return Err(retryable(format!("connect {url}: timed out"))),
+            };
+        let js = jetstream::ContextBuilder::new()
+            .timeout(self.ack_timeout)
+            .build(client.clone());
+        Ok(Conn { client, js })
+    }
+
+    fn warn_throttled(&self, what: &str, error: &SinkError) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(WARN_EVERY.as_millis()).unwrap_or(u64::MAX);
+        if (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last_warn_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(sink = NAME, error = %error, "{what}; resending");
+        }
+    }
+
+    /// Looks the stream up, creating it when missing and allowed; returns its subjects, or
+    /// `None` when a lookup ran less than `unless_within` ago (after a server restart
+    /// thousands of resends ask at once; one lookup answers them all).
+    async fn ensure_stream(
         &self,
-        _msg: std::sync::Arc<super::Message>,
-    ) -> futures_util::future::BoxFuture<'_, Result<super::AckFuture, SinkError>> {
-        unimplemented!("placeholder")
+        js: &jetstream::Context,
+        unless_within: Option<Duration>,
+    ) -> Result<Option<Vec<String>>, SinkError> {
+        let mut checked = self.stream_checked.lock().await;
+        if let (Some(at), Some(within)) = (*checked, unless_within) {
+            if at.elapsed() < within {
+                return Ok(None);
+            }
+        }
+        let result = self.lookup_or_create_stream(js).await;
+        *checked = Some(Instant::now());
+        result.map(Some)
     }
-    fn prepare(&self) -> futures_util::future::BoxFuture<'_, Result<String, SinkError>> {
-        unimplemented!("placeholder")
+
+    async fn lookup_or_create_stream(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<Vec<String>, SinkError> {
+        match js.get_stream(&self.stream).await {
+            Ok(mut stream) => {
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(|e| retryable(format!("stream {}: {e}", self.stream)))?;
+                Ok(info.config.subjects.clone())
+            }
+            Err(e) => {
+                let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(api) if api.error_code() == ErrorCode::STREAM_NOT_FOUND);
+                if !missing {
+                    return Err(retryable(format!("stream {}: {e}", self.stream)));
+                }
+                if !self.create_stream {
+                    return Err(fatal(format!(
+                        "stream {} does not exist and create_stream is off",
+                        self.stream
+                    )));
+                }
+                let subjects = self.subjects.stream_subjects();
+                let config = jetstream::stream::Config {
+                    name: self.stream.clone(),
+                    subjects: subjects.clone(),
+                    storage: jetstream::stream::StorageType::File,
+                    duplicate_window: DUPLICATE_WINDOW,
+                    ..Default::default()
+                };
+                js.create_stream(config).await.map_err(|e| {
+                    let message = format!("create stream {}: {e}", self.stream);
+                    match e.kind() {
+                        jetstream::context::CreateStreamErrorKind::JetStream(_)
+                        | jetstream::context::CreateStreamErrorKind::InvalidStreamName
+                        | jetstream::context::CreateStreamErrorKind::EmptyStreamName => {
+                            fatal(message)
+                        }
+                        _ => retryable(message),
+                    }
+                })?;
+                tracing::info!(sink = NAME, stream = %self.stream, subjects = ?subjects, "created stream");
+                Ok(subjects)
+            }
+        }
     }
-    fn flush(&self) -> futures_util::future::BoxFuture<'_, Result<(), SinkError>> {
-        unimplemented!("placeholder")
+
+    /// Waits for a JetStream ack, resending the same message (same `Nats-Msg-Id`) after
+    /// retryable failures until the stream acknowledges it, it is refused, or the sink is
+    /// dropped.
+    async fn confirm(
+        self: Arc<Self>,
+        conn: Conn,
+        publish: Outgoing,
+        mut ack: PublishAckFuture,
+    ) -> Result<(), SinkError> {
+        let mut backoff = RETRY_MIN;
+        loop {
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
+                result = ack => result,
+            };
+            let error = match result {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            let is_missing_stream = error.kind() == PublishErrorKind::StreamNotFound;
+            let mut failure = publish_error(&error);
+            loop {
+                if !failure.is_retryable() {
+                    return Err(failure);
+                }
+                metrics::inc(&metrics::metrics().sink_retries_total);
+                self.warn_throttled("JetStream publish not acknowledged", &failure);
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+                if is_missing_stream && self.create_stream {
+                    // A server that lost its store comes back without the stream; a failure
+                    // here shows again as a failed resend.
+                    let _ = self.ensure_stream(&conn.js, Some(STREAM_RECHECK)).await;
+                }
+                match self.send_js(&conn, &publish).await {
+                    Ok(next) => {
+                        ack = next;
+                        break;
+                    }
+                    Err(e) => failure = e,
+                }
+            }
+        }
+    }
+
+    /// One JetStream publish, bounded: the client may be reconnecting, and a full command
+    /// channel or exhausted ack permits would otherwise wait for as long as the outage lasts.
+    async fn send_js(
+        &self,
+        conn: &Conn,
+        publish: &Outgoing,
+    ) -> Result<PublishAckFuture, SinkError> {
+        let message = PublishMessage::build()
+            .payload(publish.payload.clone())
+            .headers(publish.headers.clone());
+        match tokio::time::timeout(
+            self.ack_timeout,
+            conn.js.send_publish(publish.subject.clone(), message),
+        )
+        .await
+        {
+            Ok(Ok(ack)) => Ok(ack),
+            Ok(Err(e)) => Err(publish_error(&e)),
+            Err(_) => Err(retryable("publish timed out (server unreachable?)")),
+        }
+    }
+
+    /// One core publish, bounded like [`Inner::send_js`].
+    async fn send_core(&self, conn: &Conn, publish: &Outgoing) -> Result<(), SinkError> {
+        let sent = conn.client.publish_with_headers(
+            publish.subject.clone(),
+            publish.headers.clone(),
+            publish.payload.clone(),
+        );
+        match tokio::time::timeout(self.ack_timeout, sent).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(match e.kind() {
+                async_nats::client::PublishErrorKind::Send => retryable(e.to_string()),
+                _ => fatal(e.to_string()),
+            }),
+            Err(_) => Err(retryable("publish timed out (server unreachable?)")),
+        }
+    }
+
+    /// Core mode's "ack": the client wrote the message to the socket. A failed or stuck
+    /// flush publishes the message again, since it may have been lost with the connection.
+    async fn flush_core(self: Arc<Self>, conn: Conn, publish: Outgoing) -> Result<(), SinkError> {
+        let mut backoff = RETRY_MIN;
+        loop {
+            let failure = match tokio::time::timeout(self.ack_timeout, conn.client.flush()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => retryable(format!("flush: {e}")),
+                Err(_) => retryable("flush timed out (server unreachable?)"),
+            };
+            metrics::inc(&metrics::metrics().sink_retries_total);
+            self.warn_throttled("core NATS flush failed", &failure);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+            if let Err(e) = self.send_core(&conn, &publish).await {
+                if !e.is_retryable() {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// A message ready to publish (cheap to clone for a resend).
+#[derive(Debug, Clone)]
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+fn outgoing(subjects: &NatsSubjects, msg: &Message, payload: &[u8]) -> Result<Outgoing, SinkError> {
+    let subject = subjects.subject(msg);
+    if !valid_publish_subject(&subject) {
+        return Err(fatal(format!(
+            "invalid subject {subject:?} (event {:?})",
+            msg.event
+        )));
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in &msg.headers {
+        let name =
+            HeaderName::from_str(name).map_err(|e| fatal(format!("header {name:?}: {e}")))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|e| fatal(format!("header {name} value: {e}")))?;
+        headers.append(name, value);
+    }
+    let id = HeaderValue::from_str(&msg.id)
+        .map_err(|e| fatal(format!("record id as Nats-Msg-Id: {e}")))?;
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    Ok(Outgoing {
+        subject,
+        headers,
+        payload: Bytes::copy_from_slice(payload),
+    })
+}
+
+impl Sink for NatsSink {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn enqueue(&self, msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>> {
+        async move {
+            let Some(payload) = msg.payload.as_deref() else {
+                let skipped: AckFuture = futures_util::future::ready(Ok(())).boxed();
+                return Ok(skipped);
+            };
+            let publish = outgoing(&self.inner.subjects, &msg, payload)?;
+            let inner = self.inner.clone();
+            let conn = inner.conn().await?.clone();
+            let ack: AckFuture = match inner.mode {
+                NatsMode::JetStream => {
+                    // A failure here is returned, not retried inside: the caller retries
+                    // enqueue in order, which keeps later messages behind this one.
+                    let first = inner.send_js(&conn, &publish).await?;
+                    let (tx, rx) = oneshot::channel();
+                    inner.awaiting_acks.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let result = inner.clone().confirm(conn, publish, first).await;
+                        inner.awaiting_acks.fetch_sub(1, Ordering::SeqCst);
+                        // Nobody may be waiting any more; that is fine.
+                        let _ = tx.send(result);
+                    });
+                    async move {
+                        rx.await
+                            .unwrap_or_else(|_| Err(SinkError::Cancelled { sink: NAME.into() }))
+                    }
+                    .boxed()
+                }
+                NatsMode::Core => {
+                    inner.send_core(&conn, &publish).await?;
+                    inner.flush_core(conn, publish).boxed()
+                }
+            };
+            Ok(ack)
+        }
+        .boxed()
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, Result<String, SinkError>> {
+        async move {
+            let inner = &self.inner;
+            let conn = inner.conn().await?;
+            let url = redact_url(&inner.url);
+            if conn.client.connection_state() != async_nats::connection::State::Connected {
+                return Err(retryable(format!("{url}: not connected (reconnecting)")));
+            }
+            match inner.mode {
+                NatsMode::Core => Ok(format!("nats {url}: core publish (at-most-once)")),
+                NatsMode::JetStream => {
+                    let captured = inner.ensure_stream(&conn.js, None).await?.unwrap_or_default();
+                    let samples = [
+                        (Route::Nodes, "updated"),
+                        (Route::Links, "updated"),
+                        (Route::Status, "status_changed"),
+                        (Route::DeadLetter, "dead_letter"),
+                        (Route::Jobs, "job_event"),
+                    ];
+                    for (route, event) in samples {
+                        let probe = Message {
+                            route,
+                            event: event.into(),
+                            id: String::new(),
+                            key: String::new(),
+                            payload: None,
+                            headers: Vec::new(),
+                        };
+                        let subject = inner.subjects.subject(&probe);
+                        if !captured.iter().any(|p| subject_matches(p, &subject)) {
+                            return Err(fatal(format!(
+                                "stream {} does not capture subject {subject} (it has {captured:?})",
+                                inner.stream
+                            )));
+                        }
+                    }
+                    Ok(format!("nats {url}: stream {} ready (jetstream)", inner.stream))
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        async move {
+            let inner = &self.inner;
+            let Some(conn) = inner.conn.get() else {
+                return Ok(());
+            };
+            // Pushes out what the client still buffers (core mode's whole "ack").
+            tokio::time::timeout(inner.ack_timeout, conn.client.flush())
+                .await
+                .map_err(|_| retryable("flush timed out"))?
+                .map_err(|e| retryable(format!("flush: {e}")))?;
+            // JetStream acks are awaited (and resent) by their own tasks.
+            while inner.awaiting_acks.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(route: Route, event: &str) -> Message {
+        Message {
+            route,
+            event: event.into(),
+            id: "node:a:1".into(),
+            key: "a".into(),
+            payload: Some(b"{}".to_vec()),
+            headers: vec![("ce_id".into(), "node:a:1".into())],
+        }
+    }
+
+    #[test]
+    fn defaults_and_unknown_keys() {
+        let cfg: NatsConfig = serde_json::from_str("{}").unwrap();
+        assert!(!cfg.enabled);
+        assert_eq!(cfg.mode, NatsMode::JetStream);
+        assert_eq!(cfg.url, "nats://127.0.0.1:4222");
+        assert_eq!(cfg.ack_timeout_ms, 10_000);
+        let core: NatsConfig = serde_json::from_str(r#"{"mode":"core"}"#).unwrap();
+        assert_eq!(core.mode, NatsMode::Core);
+        assert!(serde_json::from_str::<NatsConfig>(r#"{"mode":"JetStream"}"#).is_err());
+        assert!(serde_json::from_str::<NatsConfig>(r#"{"urls":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn subjects_per_route() {
+        let s = NatsSubjects::default();
+        assert_eq!(
+            s.subject(&msg(Route::Nodes, "updated")),
+            "synaptask.nodes.updated"
+        );
+        assert_eq!(
+            s.subject(&msg(Route::Links, "created")),
+            "synaptask.links.created"
+        );
+        assert_eq!(
+            s.subject(&msg(Route::Status, "status_changed")),
+            "synaptask.status"
+        );
+        assert_eq!(s.subject(&msg(Route::DeadLetter, "x")), "synaptask.dlq");
+        assert_eq!(
+            s.subject(&msg(Route::Jobs, "job_done")),
+            "synaptask.jobs.job_done"
+        );
+        assert_eq!(
+            s.stream_subjects(),
+            [
+                "synaptask.nodes.>",
+                "synaptask.links.>",
+                "synaptask.jobs.>",
+                "synaptask.status",
+                "synaptask.dlq"
+            ]
+        );
+        let overlapping = NatsSubjects {
+            status: "synaptask.nodes.status".into(),
+            ..NatsSubjects::default()
+        };
+        assert!(!overlapping
+            .stream_subjects()
+            .contains(&"synaptask.nodes.status".to_string()));
+    }
+
+    #[test]
+    fn headers_carry_the_message_id_and_bad_input_is_fatal() {
+        let s = NatsSubjects::default();
+        let out = outgoing(&s, &msg(Route::Nodes, "updated"), b"{}").unwrap();
+        assert_eq!(
+            out.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some("node:a:1")
+        );
+        assert_eq!(
+            out.headers.get("ce_id").map(|v| v.as_str()),
+            Some("node:a:1")
+        );
+        assert!(!outgoing(&s, &msg(Route::Nodes, ""), b"{}")
+            .unwrap_err()
+            .is_retryable());
+        assert!(!outgoing(&s, &msg(Route::Nodes, "a b"), b"{}")
+            .unwrap_err()
+            .is_retryable());
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact_url("nats://u:pw@h:4222"), "nats://***@h:4222");
+        assert_eq!(
+            redact_url("nats://h:1,nats://t@h:2"),
+            "nats://h:1,nats://***@h:2"
+        );
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn unset_credentials_are_fatal_and_name_only_the_variable() {
+        let cfg = NatsConfig {
+            token_env: Some("TASKSTREAM_TEST_UNSET_NATS_TOKEN".into()),
+            ..NatsConfig::default()
+        };
+        let err = NatsSink::new(&cfg).err().unwrap();
+        assert!(
+            !err.is_retryable() && err.to_string().contains("TASKSTREAM_TEST_UNSET_NATS_TOKEN")
+        );
     }
 }

@@ -42,6 +42,9 @@ pub enum SourceEvent {
     Diff {
         /// The payload as received.
         payload: Value,
+        /// It arrived before the last snapshot completed, so that snapshot already reflects
+        /// it: a partial change to an entity the snapshot did not list is stale, not a gap.
+        covered: bool,
         /// A trace started for it (pushed diffs carry no `trace_id`).
         trace: TraceContext,
     },

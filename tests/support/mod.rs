@@ -8,11 +8,13 @@
 // re-exports below count as unused imports in a test that never names them.
 #![allow(dead_code, unused_imports)]
 
+mod connector;
 mod nats;
 mod process;
 mod sim;
 mod tansu;
 
+pub use connector::{read_file_sink, wait_until_matches, Connector, Latest, Seen};
 pub use nats::Nats;
 pub use sim::{http_json, SimProcess};
 pub use tansu::Tansu;

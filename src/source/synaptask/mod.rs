@@ -148,6 +148,8 @@ impl SynapTaskConfig {
 pub struct SynapTaskSource {
     cfg: SynapTaskConfig,
     token: Secret,
+    /// When the last snapshot finished paging (diffs that arrived earlier are covered by it).
+    last_snapshot_done: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Why serving a session stopped.
@@ -161,7 +163,11 @@ impl SynapTaskSource {
     pub fn new(cfg: SynapTaskConfig) -> Result<Self, SourceError> {
         cfg.validate().map_err(SourceError::Config)?;
         let token = cfg.token()?;
-        Ok(Self { cfg, token })
+        Ok(Self {
+            cfg,
+            token,
+            last_snapshot_done: std::sync::Mutex::new(None),
+        })
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -315,9 +321,11 @@ impl SynapTaskSource {
                     match m {
                         None => return Ok(Stop::Lost("session channels closed".into())),
                         Some(Inbound::Closed(reason)) => return Ok(Stop::Lost(reason)),
-                        Some(Inbound::Diff(payload)) => {
+                        Some(Inbound::Diff(payload, received)) => {
                             inc(&metrics().source_events_total);
-                            let ev = SourceEvent::Diff { payload, trace: TraceContext::new_root() };
+                            let done = *self.last_snapshot_done.lock().unwrap_or_else(|e| e.into_inner());
+                            let covered = done.is_some_and(|done| received < done);
+                            let ev = SourceEvent::Diff { payload, covered, trace: TraceContext::new_root() };
                             if out.send(ev).await.is_err() {
                                 return Err(SourceError::PipelineClosed);
                             }
@@ -627,6 +635,7 @@ mod tests {
         let s = SynapTaskSource {
             cfg,
             token: Secret::new("x"),
+            last_snapshot_done: std::sync::Mutex::new(None),
         };
         for f in 1..30 {
             assert!(s.backoff(f) <= Duration::from_millis(1000));

@@ -30,8 +30,8 @@ use crate::secret::Secret;
 pub enum Inbound {
     /// The `connected` event.
     Connected(Value),
-    /// A `graph:diff` payload.
-    Diff(Value),
+    /// A `graph:diff` payload and when it arrived.
+    Diff(Value, std::time::Instant),
     /// A `graph:diff` that is not a JSON value (binary, or no argument).
     BadDiff {
         /// The raw bytes, or a description of the arguments.
@@ -129,7 +129,7 @@ impl Session {
         let on_diff = move |p: Payload, _: Client| {
             inc(&metrics().diffs_received_total);
             let msg = match first_value(p) {
-                Ok(v) => Inbound::Diff(v),
+                Ok(v) => Inbound::Diff(v, std::time::Instant::now()),
                 Err((raw, reason)) => Inbound::BadDiff { raw, reason },
             };
             if diff_tx.try_send(msg).is_err() {
