@@ -264,7 +264,7 @@ impl Pipeline {
                     &mut self.view,
                     &self.ctx,
                     &seen,
-                    &trash,
+                    trash.as_ref(),
                     &trace,
                 );
                 for g in groups {
@@ -353,14 +353,32 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<RunSummary, AppError> {
     let store = open_store(&cfg)?;
-    let checkpoint = store.load()?;
+    let sinks = build_sinks(&cfg)?;
+    // Built before waiting on brokers, so a missing token fails at once.
+    let source = SynapTaskSource::new(cfg.source.clone())?;
+    if let Some(addr) = &cfg.metrics.listen {
+        serve_metrics(addr, shutdown.clone()).await?;
+    }
+    for s in &sinks {
+        if !prepare(s, &shutdown).await? {
+            return Ok(RunSummary::default());
+        }
+    }
+    let delivery = Delivery::new(
+        sinks.clone(),
+        store,
+        DeliveryConfig {
+            max_in_flight: cfg.delivery.max_in_flight,
+            max_batch: cfg.delivery.max_batch,
+        },
+    )?;
+    let checkpoint = delivery.checkpoint();
     tracing::info!(
         entities = checkpoint.entities.len(),
         snapshot_complete = checkpoint.snapshot_complete,
         "checkpoint loaded"
     );
-    let sinks = build_sinks(&cfg)?;
-    let source = SynapTaskSource::new(cfg.source.clone())?;
+    let view = View::from_checkpoint(checkpoint);
     let jobs = if cfg.jobs.enabled {
         let delivered = checkpoint
             .jobs
@@ -371,24 +389,6 @@ pub async fn run(
     } else {
         None
     };
-    if let Some(addr) = &cfg.metrics.listen {
-        serve_metrics(addr, shutdown.clone()).await?;
-    }
-    for s in &sinks {
-        if !prepare(s, &shutdown).await? {
-            return Ok(RunSummary::default());
-        }
-    }
-
-    let view = View::from_checkpoint(&checkpoint);
-    let delivery = Delivery::new(
-        sinks.clone(),
-        store,
-        DeliveryConfig {
-            max_in_flight: cfg.delivery.max_in_flight,
-            max_batch: cfg.delivery.max_batch,
-        },
-    );
     // Small: the sources hold their own buffers; this only decouples them from the pipeline.
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(256);
     let (control_tx, control_rx) = mpsc::channel::<Control>(4);
@@ -407,7 +407,7 @@ pub async fn run(
             source: format!("synaptask://{}/users/unknown", cfg.source.host()),
             now: String::new(),
         },
-        delivery: delivery?,
+        delivery,
         encoder: Box::new(JsonEncoder),
         control: control_tx,
         reconcile_pending: false,

@@ -393,16 +393,20 @@ fn type_name(v: &Value) -> &'static str {
 
 /// After a full snapshot: the trash listing and the disappearances. Every entity `trash` lists
 /// (by key) ends trashed in the view, whether it was known or not (`graph:get` never lists
-/// trashed items, so this is the only way to learn of them); every other active entity the
-/// view knows but the snapshot did not list was purged while nobody watched and becomes a
-/// `deleted` record (version one past the known one).
+/// trashed items, so this is the only way to learn of them). A known entity neither listed by
+/// the snapshot nor in trash was purged while nobody watched and becomes a `deleted` record
+/// (version one past the known one). Without a listing (`trash` is `None`) only active
+/// entities can be judged, and a missing one counts as deleted.
 pub fn missing_after_snapshot(
     view: &mut View,
     ctx: &Ctx,
     seen: &HashSet<String>,
-    trash: &HashMap<String, Map<String, Value>>,
+    trash: Option<&HashMap<String, Map<String, Value>>>,
     trace: &TraceContext,
 ) -> Vec<Group> {
+    let empty = HashMap::new();
+    let listing = trash.is_some();
+    let trash = trash.unwrap_or(&empty);
     let mut out = Vec::new();
     let mut trashed: Vec<&String> = trash.keys().filter(|k| !seen.contains(*k)).collect();
     trashed.sort();
@@ -425,7 +429,11 @@ pub fn missing_after_snapshot(
         }
     }
     let mut gone: Vec<String> = view
-        .active_keys()
+        .entities
+        .iter()
+        // With a listing, a known trashed entity that is no longer in trash was purged too.
+        .filter(|(_, known)| listing || !is_trashed(&known.state))
+        .map(|(k, _)| k)
         .filter(|k| !seen.contains(*k) && !trash.contains_key(*k))
         .cloned()
         .collect();
@@ -803,6 +811,43 @@ mod tests {
     }
 
     #[test]
+    fn known_trashed_then_purged_is_deleted_only_with_a_listing() {
+        let mut view = View::default();
+        let mut n = obj(seed_node());
+        n.insert("id".into(), json!("t"));
+        n.insert("version".into(), json!(4));
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &n,
+            Origin::Snapshot,
+            &trace(),
+        ));
+        let trash = obj(json!({"id": "t", "inTrash": true, "version": 5}));
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &trash,
+            Origin::Diff,
+            &trace(),
+        ));
+        let seen = HashSet::new();
+        // No listing: a trashed entity cannot be judged.
+        assert!(
+            missing_after_snapshot(&mut view.clone(), &ctx(), &seen, None, &trace()).is_empty()
+        );
+        // A listing without it: it was purged.
+        let groups =
+            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&HashMap::new()), &trace());
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].records[0].id, "node:t:6");
+        assert_eq!(groups[0].records[0].event_type(), "synaptask.node.deleted");
+        assert!(groups[0].tombstone.is_some());
+    }
+
+    #[test]
     fn missing_from_snapshot_is_trashed_or_deleted() {
         let mut view = View::default();
         for id in ["a", "b", "c"] {
@@ -827,7 +872,7 @@ mod tests {
             obj(json!({"id": "z", "title": "never seen", "status": 1, "inTrash": true, "version": 9})),
         )]
         .into();
-        let groups = missing_after_snapshot(&mut view, &ctx(), &seen, &trash, &trace());
+        let groups = missing_after_snapshot(&mut view, &ctx(), &seen, Some(&trash), &trace());
         let types: Vec<(String, String)> = groups
             .iter()
             .map(|g| (g.records[0].id.clone(), g.records[0].event_type()))

@@ -33,8 +33,9 @@ pub enum SourceEvent {
     SnapshotDone {
         /// Keys (`node:<id>`, `link:<id>`) every page listed.
         seen: HashSet<String>,
-        /// Trashed entities by key, from `trash:page` (empty when the server has no such event).
-        trash: HashMap<String, Map<String, Value>>,
+        /// Trashed entities by key, from `trash:page`; `None` when there is no listing (the
+        /// server lacks the event, or `source.trash_listing` is off).
+        trash: Option<HashMap<String, Map<String, Value>>>,
         /// The last page's trace.
         trace: TraceContext,
     },

@@ -488,13 +488,13 @@ impl SynapTaskSource {
                 Err(stop) => return Ok(Some(stop)),
             }
         } else {
-            HashMap::new()
+            None
         };
         inc(&metrics().snapshots_total);
         tracing::info!(
             pages,
             entities = seen.len(),
-            trashed = trash.len(),
+            trashed = trash.as_ref().map_or(0, HashMap::len),
             secs = started.elapsed().as_secs_f64(),
             "snapshot complete"
         );
@@ -515,7 +515,7 @@ impl SynapTaskSource {
         reads: &mut SlidingWindow<()>,
         out: &mpsc::Sender<SourceEvent>,
         shutdown: &CancellationToken,
-    ) -> Result<Result<HashMap<String, Map<String, Value>>, Stop>, SourceError> {
+    ) -> Result<Result<Option<HashMap<String, Map<String, Value>>>, Stop>, SourceError> {
         let mut trash = HashMap::new();
         let mut offset = 0u64;
         loop {
@@ -533,7 +533,7 @@ impl SynapTaskSource {
                 Ok(None) => return Ok(Err(Stop::Shutdown)),
                 Err(reason) => {
                     tracing::warn!(%reason, "trash listing unavailable; entities missing from the snapshot count as deleted");
-                    return Ok(Ok(HashMap::new()));
+                    return Ok(Ok(None));
                 }
             };
             for (kind, m) in self.page_items(&ack, out).await? {
@@ -542,7 +542,7 @@ impl SynapTaskSource {
                 }
             }
             if ack.get("hasMore").and_then(Value::as_bool) != Some(true) {
-                return Ok(Ok(trash));
+                return Ok(Ok(Some(trash)));
             }
             offset += 1000;
         }
