@@ -64,8 +64,9 @@ async fn http_post(port: u16, path: &str) {
     s.read_to_end(&mut buf).await.ok();
 }
 
-/// Events/s from the simulator in load mode.
-async fn simulator_rate(events: u64) -> (f64, usize) {
+/// Events/s from the simulator in load mode, the average payload size, and a payload of
+/// median size (for the like-for-like ceiling).
+async fn simulator_rate(events: u64) -> (f64, usize, serde_json::Value) {
     let shutdown = CancellationToken::new();
     let cfg = SimConfig {
         tokens: format!("{TOKEN}:{UID}"),
@@ -83,9 +84,20 @@ async fn simulator_rate(events: u64) -> (f64, usize) {
         "simulator pre-generated {events} mutations in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let avg_bytes = {
+    let (avg_bytes, median) = {
         let load = sim::server::lock(&handle.sim.load);
-        load.iter().map(|(_, r)| r.get().len()).sum::<usize>() / load.len().max(1)
+        let avg = load.iter().map(|(_, r)| r.get().len()).sum::<usize>() / load.len().max(1);
+        let mut sizes: Vec<(usize, usize)> = load
+            .iter()
+            .enumerate()
+            .map(|(i, (_, r))| (r.get().len(), i))
+            .collect();
+        sizes.sort_unstable();
+        let median = sizes
+            .get(sizes.len() / 2)
+            .and_then(|(_, i)| serde_json::from_str(load[*i].1.get()).ok())
+            .unwrap_or_else(|| json!({}));
+        (avg, median)
     };
     let (connected, done, count) = (
         Arc::new(Notify::new()),
@@ -117,13 +129,12 @@ async fn simulator_rate(events: u64) -> (f64, usize) {
     let rate = events as f64 / start.elapsed().as_secs_f64();
     client.disconnect().await.ok();
     shutdown.cancel();
-    (rate, avg_bytes)
+    (rate, avg_bytes, median)
 }
 
-/// Events/s from a bare socketioxide server pushing one small constant event.
-async fn ceiling_rate(events: u64) -> f64 {
+/// Events/s from a bare socketioxide server pushing one constant event.
+async fn ceiling_rate(events: u64, payload: serde_json::Value) -> f64 {
     let (layer, io) = SocketIo::builder().max_buffer_size(1 << 20).build_layer();
-    let payload = json!({"nodes": [{"id": "3f1d2c4b-5a61-4c1e-9b0a-7d7b6a3e52f4", "status": 1, "version": 7}], "links": []});
     io.ns("/", move |s: SocketRef| {
         let payload = payload.clone();
         async move {
@@ -192,11 +203,17 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let ceiling = ceiling_rate(events).await;
-        let (simulated, avg_bytes) = simulator_rate(events).await;
+        let small = json!({"nodes": [{"id": "3f1d2c4b-5a61-4c1e-9b0a-7d7b6a3e52f4", "status": 1, "version": 7}], "links": []});
+        let small_bytes = small.to_string().len();
+        let ceiling_small = ceiling_rate(events, small).await;
+        let (simulated, avg_bytes, median) = simulator_rate(events).await;
+        let median_bytes = median.to_string().len();
+        let ceiling_same = ceiling_rate(events, median).await;
         println!("events: {events}");
-        println!("ceiling (bare socketioxide -> rust_socketio, ~70-byte event): {ceiling:.0} events/s");
-        println!("simulator load mode -> rust_socketio (avg {avg_bytes}-byte graph:diff): {simulated:.0} events/s");
-        println!("ratio simulator/ceiling: {:.2}", simulated / ceiling);
+        println!("ceiling, bare socketioxide -> rust_socketio, {small_bytes}-byte event: {ceiling_small:.0} events/s");
+        println!("ceiling, bare socketioxide -> rust_socketio, median simulator diff ({median_bytes} bytes): {ceiling_same:.0} events/s");
+        println!("simulator load mode -> rust_socketio (mean {avg_bytes}-byte graph:diff): {simulated:.0} events/s");
+        println!("ratio simulator / same-size ceiling: {:.2}", simulated / ceiling_same);
+        println!("ratio simulator / small-event ceiling: {:.2}", simulated / ceiling_small);
     });
 }

@@ -278,6 +278,11 @@ pub fn apply_entity(
     if change == Change::Restored {
         after.insert("inTrash".into(), Value::Bool(false));
     }
+    // The change happened when the entry says; a partial entry that does not say happened now,
+    // not at the previous edit time still in the merged state.
+    if before.is_some() && !entry.contains_key("lastEditedTime") {
+        after.insert("lastEditedTime".into(), Value::String(ctx.now.clone()));
+    }
     let status_change = match (kind, &before) {
         (EntityKind::Node, Some(b)) => match (status_of(b), status_of(&after)) {
             (Some(from), Some(to)) if from != to => Some((from, to)),

@@ -128,7 +128,21 @@ async fn publish_all(
             while acks.len() >= WINDOW {
                 acks.next().await.context("ack stream ended")??;
             }
-            acks.push(sink.enqueue(msg.clone()).await?);
+            // Retryable enqueue errors (a full client buffer, a reconnect) are retried in
+            // order with backoff, as the delivery window does.
+            let mut backoff = Duration::from_millis(10);
+            let ack = loop {
+                match sink.enqueue(msg.clone()).await {
+                    Ok(ack) => break ack,
+                    Err(e) if e.is_retryable() => {
+                        eprintln!("enqueue {}: {e}; retrying in {backoff:?}", msg.id);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            acks.push(ack);
         }
         while let Some(ack) = acks.next().await {
             ack?;
@@ -884,8 +898,9 @@ async fn throughput_of_each_sink() -> anyhow::Result<()> {
         drop(kafka);
         drop(tansu);
 
-        let nats = Nats::start().await;
         for mode in [NatsMode::JetStream, NatsMode::Core] {
+            // A fresh server each: core publishes into a stream's subjects would be stored too.
+            let nats = Nats::start().await;
             let sink = NatsSink::new(&nats_config(&nats, mode))?;
             tokio::time::timeout(Duration::from_secs(30), sink.prepare()).await??;
             let took = publish_all(&sink, &msgs, Duration::from_secs(180)).await?;

@@ -600,9 +600,8 @@ impl World {
                     for f in &e.fields {
                         m.insert((*f).to_string(), n.field(f));
                     }
+                    // Only changed fields plus id and version (DECISIONS #2).
                     m.insert("version".into(), json!(n.version));
-                    m.insert("lastEditedTime".into(), json!(n.last_edited_time));
-                    m.insert("shareRoots".into(), id_array(&r));
                     Value::Object(m)
                 }
             };
@@ -637,8 +636,6 @@ impl World {
                         m.insert((*f).to_string(), l.field(f));
                     }
                     m.insert("version".into(), json!(l.version));
-                    m.insert("lastEditedTime".into(), json!(l.last_edited_time));
-                    m.insert("shareRoots".into(), id_array(&r));
                     Value::Object(m)
                 }
             };
