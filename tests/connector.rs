@@ -142,6 +142,20 @@ fn live_stream_ends_at_the_truth_with_status_records() {
         .iter()
         .filter(|r| r["origin"] == "diff")
         .all(|r| r["traceId"].as_str().unwrap().len() == 32));
+    // Every record validates against the shipped JSON Schema.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("python3")
+        .arg(root.join("tests/schema_check.py"))
+        .arg(root.join("schemas/record.schema.json"))
+        .arg(records_path(&c))
+        .output()
+        .expect("python3 (the README test command installs jsonschema)");
+    assert!(
+        out.status.success(),
+        "schema validation: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let counters = &truth["counters"];
     assert_eq!(
         counters["limitViolations"]["total"], 0,
@@ -446,5 +460,78 @@ fn many_pages_stay_within_the_read_budget() {
         truth["counters"]["rateLimitedAcks"], 0,
         "never rate-limited: {}",
         truth["counters"]
+    );
+}
+
+#[test]
+fn job_events_are_ingested_and_bad_frames_dead_lettered() {
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "20",
+        "--links",
+        "20",
+        "--rate",
+        "0",
+        "--jobs-rate",
+        "40",
+        "--jobs-malformed-every",
+        "7",
+    ]);
+    let config = file_config(&sim, "").replace(
+        "[state]",
+        &format!(
+            "[jobs]\nenabled = true\nurl = \"ws://127.0.0.1:{}/api/v1/ws\"\nclient_id = \"e2e\"\ntoken_env = \"SYNAPTASK_API_TOKEN\"\n\n[state]",
+            sim.jobs_port
+        ),
+    );
+    let mut c = Connector::start(&config, TOKEN);
+    std::thread::sleep(Duration::from_secs(4));
+    sim.post("/pause", None);
+    support::http_json(sim.jobs_port, "POST", "/pause", None);
+    std::thread::sleep(Duration::from_secs(2));
+    c.stop();
+    let truth = support::http_json(sim.jobs_port, "GET", "/truth", None);
+    let sent = truth["clients"]["e2e"]
+        .as_array()
+        .expect("frames sent to client e2e");
+    let (good, bad): (Vec<&Value>, Vec<&Value>) =
+        sent.iter().partition(|f| f.get("malformed").is_none());
+    assert!(
+        good.len() > 50 && !bad.is_empty(),
+        "{} good, {} malformed",
+        good.len(),
+        bad.len()
+    );
+    let records: Vec<Value> = read_file_sink(&records_path(&c))
+        .into_iter()
+        .filter_map(|s| s.record)
+        .collect();
+    let jobs: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"].as_str().unwrap().starts_with("synaptask.job."))
+        .collect();
+    assert_eq!(jobs.len(), good.len(), "every frame sent became a record");
+    for (i, (r, f)) in jobs.iter().zip(&good).enumerate() {
+        assert_eq!(r["id"], format!("job:e2e:{}", i + 1));
+        assert_eq!(&r["data"], *f);
+        assert_eq!(
+            r["type"],
+            format!("synaptask.job.{}", f["type"].as_str().unwrap())
+        );
+    }
+    let dead: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["type"] == "synaptask.dead_letter" && r["event"] == "job_frame")
+        .collect();
+    assert_eq!(
+        dead.len(),
+        bad.len(),
+        "every malformed frame became a dead letter"
+    );
+    assert!(
+        !c.log().contains(TOKEN),
+        "the job URL carries the token; the log must not"
     );
 }

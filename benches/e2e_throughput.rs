@@ -1,0 +1,247 @@
+//! End-to-end throughput of the connector, per sink, in one run: the simulator in load mode
+//! pushes `BENCH_EVENTS` `graph:diff` events (default 100000) to `taskstream run` (in process),
+//! which publishes to a file, to Kafka (tansu) and to NATS JetStream (nats-server). Each is
+//! reported as records/s and as a ratio against ceilings measured in the same run:
+//! - the source ceiling: how fast the simulator's events reach a bare rust_socketio client
+//!   (`benches/sim_throughput.rs` measures that alone);
+//! - the broker ceilings: a raw librdkafka producer and a raw async-nats JetStream publisher
+//!   sending the same number of messages of the same mean size.
+//!
+//! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use taskstream::app::{self, RunOptions};
+use taskstream::config::Config;
+use taskstream::metrics::metrics;
+use taskstream::sim::{self, SimConfig};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "st_bench_e2e_token";
+const UID: &str = "1f2e3d4c-5b6a-4798-8a7b-6c5d4e3f2a1b";
+
+struct Run {
+    sink: &'static str,
+    diffs: u64,
+    records: u64,
+    secs: f64,
+    dropped: u64,
+}
+
+fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+async fn http_post(port: u16, path: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok();
+}
+
+/// Waits until nothing is in flight and the acked count has not moved for a moment.
+async fn settle() {
+    let mut last = u64::MAX;
+    let mut since = Instant::now();
+    loop {
+        let acked = counter(&metrics().messages_acked_total);
+        let in_flight = metrics().in_flight.load(Ordering::Relaxed);
+        if acked != last || in_flight != 0 {
+            last = acked;
+            since = Instant::now();
+        } else if since.elapsed() > Duration::from_millis(500) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One connector run with `configure` choosing the sink.
+async fn connector_run(
+    sink: &'static str,
+    events: u64,
+    dir: &std::path::Path,
+    configure: impl FnOnce(&mut Config),
+) -> Run {
+    let stop = CancellationToken::new();
+    let handle = sim::start(
+        SimConfig {
+            tokens: format!("{TOKEN}:{UID}"),
+            rate: 0.0,
+            nodes: 2000,
+            links: 2400,
+            load: events as usize,
+            ..SimConfig::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("simulator");
+    let token_file = dir.join(format!("{sink}.token"));
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let mut cfg = Config::default();
+    cfg.source.url = handle.url();
+    cfg.source.token_env = String::new();
+    cfg.source.token_file = Some(token_file);
+    // Hold every pushed diff: the bench measures the pipeline, not the overflow path.
+    cfg.source.diff_buffer = events as usize + 1;
+    configure(&mut cfg);
+    let app_stop = stop.child_token();
+    let app_task = tokio::spawn(app::run(cfg, RunOptions::default(), app_stop.clone()));
+    // The snapshot first, then the load.
+    let snapshots = counter(&metrics().snapshots_total);
+    while counter(&metrics().snapshots_total) == snapshots {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    settle().await;
+    let (diffs0, records0, dropped0) = (
+        counter(&metrics().diffs_received_total),
+        counter(&metrics().records_total),
+        counter(&metrics().diffs_dropped_total),
+    );
+    let start = Instant::now();
+    http_post(handle.port, "/load/start").await;
+    while counter(&metrics().diffs_received_total) - diffs0 < events {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    settle().await;
+    let secs = start.elapsed().as_secs_f64() - 0.5; // settle() waits 0.5 s of quiet
+    let run = Run {
+        sink,
+        diffs: counter(&metrics().diffs_received_total) - diffs0,
+        records: counter(&metrics().records_total) - records0,
+        secs,
+        dropped: counter(&metrics().diffs_dropped_total) - dropped0,
+    };
+    app_stop.cancel();
+    let _ = app_task.await;
+    stop.cancel();
+    handle.join().await;
+    run
+}
+
+async fn kafka_ceiling(bootstrap: &str, n: u64, size: usize) -> f64 {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let payload = vec![b'x'; size];
+    let start = Instant::now();
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let key = format!("k{}", i % 5000);
+        let rec = FutureRecord::to("bench.ceiling")
+            .key(&key)
+            .payload(&payload);
+        match producer.send_result(rec) {
+            Ok(f) => acks.push(f),
+            Err((e, _)) => panic!("ceiling producer: {e}"),
+        }
+        while acks.len() >= 20_000 {
+            acks.next().await;
+        }
+    }
+    while acks.next().await.is_some() {}
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn nats_ceiling(url: &str, n: u64, size: usize) -> f64 {
+    let client = async_nats::connect(url).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "CEILING".into(),
+        subjects: vec!["ceiling.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let start = Instant::now();
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("c{i}").as_str());
+        let ack = js
+            .publish_with_headers("ceiling.x", h, payload.clone())
+            .await
+            .expect("publish");
+        acks.push(std::future::IntoFuture::into_future(ack));
+        while acks.len() >= 20_000 {
+            acks.next().await;
+        }
+    }
+    while acks.next().await.is_some() {}
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let events: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    rt.block_on(async {
+        let tansu = support::Tansu::start().await;
+        let nats = support::Nats::start().await;
+        tansu.create_topic("bench.ceiling", 3).await;
+
+        let file = dir.path().join("records.jsonl");
+        let f = file.clone();
+        let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f)).await;
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines = text.lines().count().max(1);
+        let mean = text.len() / lines;
+
+        let bootstrap = tansu.bootstrap();
+        let kafka_run = connector_run("kafka", events, dir.path(), |c| {
+            c.sinks.stdout.enabled = false;
+            c.sinks.kafka.enabled = true;
+            c.sinks.kafka.brokers = bootstrap.clone();
+        })
+        .await;
+        let url = nats.url();
+        let nats_run = connector_run("nats-jetstream", events, dir.path(), |c| {
+            c.sinks.stdout.enabled = false;
+            c.sinks.nats.enabled = true;
+            c.sinks.nats.url = url.clone();
+        })
+        .await;
+        let n = kafka_run.records.max(10_000);
+        let kafka_max = kafka_ceiling(&tansu.bootstrap(), n, mean).await;
+        let nats_max = nats_ceiling(&nats.url(), n, mean).await;
+
+        println!("events pushed per run: {events}; mean record size {mean} bytes");
+        for (run, ceiling) in [(&file_run, None), (&kafka_run, Some(kafka_max)), (&nats_run, Some(nats_max))] {
+            let rps = run.records as f64 / run.secs;
+            print!(
+                "{:<15} {:>8} diffs -> {:>8} records in {:>6.2} s = {:>8.0} records/s ({:.0} diffs/s, {} dropped)",
+                run.sink, run.diffs, run.records, run.secs, rps, run.diffs as f64 / run.secs, run.dropped
+            );
+            match ceiling {
+                Some(c) => println!("; raw client ceiling {c:.0} msgs/s, ratio {:.2}", rps / c),
+                None => println!(),
+            }
+        }
+    });
+}
