@@ -535,3 +535,50 @@ fn job_events_are_ingested_and_bad_frames_dead_lettered() {
         "the job URL carries the token; the log must not"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_ack_answers_its_own_call() {
+    // rust_socketio draws ack ids at random in 0..999; the session keeps one call in flight,
+    // so replies can never be crossed. 300 calls, each for a different offset, each reply
+    // checked against the page it asked for.
+    use taskstream::secret::Secret;
+    use taskstream::source::synaptask::session::Session;
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "300",
+        "--links",
+        "0",
+        "--rate",
+        "0",
+        "--read-limit",
+        "100000",
+    ]);
+    let truth = sim.truth_light();
+    let mut ordered: Vec<&Value> = truth["nodes"].as_array().unwrap().iter().collect();
+    ordered.sort_by(|a, b| {
+        (a["createdTime"].as_str(), a["id"].as_str())
+            .cmp(&(b["createdTime"].as_str(), b["id"].as_str()))
+    });
+    let endpoint = format!("{}/socket.io/", sim.url());
+    let mut session = Session::open(&endpoint, &Secret::new(TOKEN), 16, Duration::from_secs(5))
+        .await
+        .expect("open");
+    session
+        .wait_connected(Duration::from_secs(5))
+        .await
+        .expect("connected");
+    for offset in 0..300usize {
+        let ack = session
+            .call("graph:get", json!({"limit": 1, "offset": offset}))
+            .await
+            .expect("ack");
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(
+            ack["nodes"][0]["id"], ordered[offset]["id"],
+            "reply to offset {offset}"
+        );
+    }
+    session.close().await;
+}
