@@ -15,7 +15,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::{GetStreamErrorKind, PublishAckFuture, PublishErrorKind};
@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use serde::Deserialize;
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::{oneshot, watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
 use super::{AckFuture, Message, Route, Sink, SinkError};
@@ -210,6 +210,12 @@ struct Inner {
     shutdown: CancellationToken,
     /// JetStream acks still awaited by their tasks; `flush` waits for zero.
     awaiting_acks: AtomicUsize,
+    /// Core mode: messages published so far, how many of them a flush covered, the flusher
+    /// task and its wake-up.
+    core_published: AtomicU64,
+    core_flushed: watch::Sender<u64>,
+    core_flusher: OnceLock<tokio::task::JoinHandle<()>>,
+    core_wake: Notify,
     /// Milliseconds since `epoch` of the last retry warning.
     last_warn_ms: AtomicU64,
     epoch: Instant,
@@ -329,6 +335,10 @@ impl NatsSink {
                 stream_checked: tokio::sync::Mutex::new(None),
                 shutdown: CancellationToken::new(),
                 awaiting_acks: AtomicUsize::new(0),
+                core_published: AtomicU64::new(0),
+                core_flushed: watch::Sender::new(0),
+                core_flusher: OnceLock::new(),
+                core_wake: Notify::new(),
                 last_warn_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
@@ -568,28 +578,36 @@ impl Inner {
         }
     }
 
-    /// Core mode's "ack": the client wrote the message to the socket. A failed or stuck
-    /// flush publishes the message again, since it may have been lost with the connection.
-    async fn flush_core(self: Arc<Self>, conn: Conn, publish: Outgoing) -> Result<(), SinkError> {
+    /// Core mode's "ack": one flush of the client's buffer covers every message published
+    /// before it, so a single task flushes for all of them (a flush per message floods the
+    /// client's command channel and starves the publisher). Retries until a flush succeeds;
+    /// a message lost with a dead connection is not resent (core NATS is at-most-once).
+    async fn run_core_flusher(self: Arc<Self>, client: Client) {
         let mut backoff = RETRY_MIN;
         loop {
-            let failure = match tokio::time::timeout(self.ack_timeout, conn.client.flush()).await {
-                Ok(Ok(())) => return Ok(()),
+            let target = self.core_published.load(Ordering::SeqCst);
+            if *self.core_flushed.borrow() >= target {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = self.core_wake.notified() => continue,
+                }
+            }
+            let failure = match tokio::time::timeout(self.ack_timeout, client.flush()).await {
+                Ok(Ok(())) => {
+                    self.core_flushed.send_replace(target);
+                    backoff = RETRY_MIN;
+                    continue;
+                }
                 Ok(Err(e)) => retryable(format!("flush: {e}")),
                 Err(_) => retryable("flush timed out (server unreachable?)"),
             };
             metrics::inc(&metrics::metrics().sink_retries_total);
             self.warn_throttled("core NATS flush failed", &failure);
             tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
+                _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(RETRY_MAX);
-            if let Err(e) = self.send_core(&conn, &publish).await {
-                if !e.is_retryable() {
-                    return Err(e);
-                }
-            }
         }
     }
 }
@@ -663,7 +681,20 @@ impl Sink for NatsSink {
                 }
                 NatsMode::Core => {
                     inner.send_core(&conn, &publish).await?;
-                    inner.flush_core(conn, publish).boxed()
+                    inner.core_flusher.get_or_init(|| {
+                        tokio::spawn(inner.clone().run_core_flusher(conn.client.clone()))
+                    });
+                    let n = inner.core_published.fetch_add(1, Ordering::SeqCst) + 1;
+                    inner.core_wake.notify_one();
+                    let mut flushed = inner.core_flushed.subscribe();
+                    async move {
+                        match flushed.wait_for(|f| *f >= n).await {
+                            Ok(_) => Ok(()),
+                            // The flusher ended: the sink was dropped.
+                            Err(_) => Err(SinkError::Cancelled { sink: NAME.into() }),
+                        }
+                    }
+                    .boxed()
                 }
             };
             Ok(ack)
