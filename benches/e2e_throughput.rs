@@ -23,6 +23,10 @@ use taskstream::metrics::metrics;
 use taskstream::sim::{self, SimConfig};
 use tokio_util::sync::CancellationToken;
 
+// The same allocator as the binary, so the numbers are the binary's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TOKEN: &str = "st_bench_e2e_token";
 const UID: &str = "1f2e3d4c-5b6a-4798-8a7b-6c5d4e3f2a1b";
 
@@ -75,6 +79,7 @@ async fn connector_run(
     dir: &std::path::Path,
     configure: impl FnOnce(&mut Config),
 ) -> Run {
+    eprintln!("{sink}: starting the simulator with {events} load events");
     let stop = CancellationToken::new();
     let handle = sim::start(
         SimConfig {
@@ -99,10 +104,13 @@ async fn connector_run(
     cfg.source.diff_buffer = events as usize + 1;
     configure(&mut cfg);
     let app_stop = stop.child_token();
-    let app_task = tokio::spawn(app::run(cfg, RunOptions::default(), app_stop.clone()));
+    let mut app_task = tokio::spawn(app::run(cfg, RunOptions::default(), app_stop.clone()));
     // The snapshot first, then the load.
     let snapshots = counter(&metrics().snapshots_total);
     while counter(&metrics().snapshots_total) == snapshots {
+        if app_task.is_finished() {
+            panic!("{sink}: connector stopped: {:?}", (&mut app_task).await);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     settle().await;
@@ -114,6 +122,9 @@ async fn connector_run(
     let start = Instant::now();
     http_post(handle.port, "/load/start").await;
     while counter(&metrics().diffs_received_total) - diffs0 < events {
+        if app_task.is_finished() {
+            panic!("{sink}: connector stopped: {:?}", (&mut app_task).await);
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     settle().await;
@@ -125,6 +136,10 @@ async fn connector_run(
         secs,
         dropped: counter(&metrics().diffs_dropped_total) - dropped0,
     };
+    eprintln!(
+        "{sink}: {} diffs -> {} records in {:.2} s ({} dropped)",
+        run.diffs, run.records, run.secs, run.dropped
+    );
     app_stop.cancel();
     let _ = app_task.await;
     stop.cancel();
@@ -182,7 +197,8 @@ async fn nats_ceiling(url: &str, n: u64, size: usize) -> f64 {
             .publish_with_headers("ceiling.x", h, payload.clone())
             .await
             .expect("publish");
-        acks.push(std::future::IntoFuture::into_future(ack));
+        // Awaited on their own tasks: the context limits publishes with unawaited acks.
+        acks.push(tokio::spawn(std::future::IntoFuture::into_future(ack)));
         while acks.len() >= 20_000 {
             acks.next().await;
         }
@@ -202,9 +218,11 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     rt.block_on(async {
+        eprintln!("starting brokers");
         let tansu = support::Tansu::start().await;
         let nats = support::Nats::start().await;
         tansu.create_topic("bench.ceiling", 3).await;
+        eprintln!("brokers up: kafka {} nats {}", tansu.bootstrap(), nats.url());
 
         let file = dir.path().join("records.jsonl");
         let f = file.clone();
@@ -229,7 +247,9 @@ fn main() {
         .await;
         let n = kafka_run.records.max(10_000);
         let kafka_max = kafka_ceiling(&tansu.bootstrap(), n, mean).await;
+        eprintln!("kafka ceiling: {kafka_max:.0} msgs/s");
         let nats_max = nats_ceiling(&nats.url(), n, mean).await;
+        eprintln!("nats ceiling: {nats_max:.0} msgs/s");
 
         println!("events pushed per run: {events}; mean record size {mean} bytes");
         for (run, ceiling) in [(&file_run, None), (&kafka_run, Some(kafka_max)), (&nats_run, Some(nats_max))] {

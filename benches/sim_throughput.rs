@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+// The same allocator as the binary, so the numbers are the binary's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TOKEN: &str = "st_bench_token";
 const UID: &str = "0b9f4f8e-9d7c-4b6a-8e5f-1a2b3c4d5e6f";
 

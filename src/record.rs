@@ -241,18 +241,25 @@ impl Record {
 
     /// The record as the JSON document consumers read.
     pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "type": self.event_type(),
-            "source": self.source,
-            "subject": self.subject,
-            "time": self.time,
-            "sequence": self.sequence,
-            "traceId": self.trace.trace_id,
-            "origin": self.origin.as_str(),
-        });
-        let m = v.as_object_mut();
-        let Some(m) = m else { return v };
+        // Serialising a record cannot fail: every key is a string and every value plain JSON.
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Serialises without building an intermediate `Value`: `before` and `after` are written from
+/// the record's own maps (encoding was a hot spot when it cloned them).
+impl serde::Serialize for Record {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &self.id)?;
+        m.serialize_entry("type", &self.event_type())?;
+        m.serialize_entry("source", &self.source)?;
+        m.serialize_entry("subject", &self.subject)?;
+        m.serialize_entry("time", &self.time)?;
+        m.serialize_entry("sequence", &self.sequence)?;
+        m.serialize_entry("traceId", &self.trace.trace_id)?;
+        m.serialize_entry("origin", self.origin.as_str())?;
         match &self.body {
             Body::Entity {
                 before,
@@ -260,40 +267,31 @@ impl Record {
                 changed,
                 ..
             } => {
-                m.insert(
-                    "before".into(),
-                    before.clone().map_or(Value::Null, Value::Object),
-                );
-                m.insert(
-                    "after".into(),
-                    after.clone().map_or(Value::Null, Value::Object),
-                );
-                m.insert("changed".into(), json!(changed));
+                m.serialize_entry("before", before)?;
+                m.serialize_entry("after", after)?;
+                m.serialize_entry("changed", changed)?;
             }
             Body::StatusChanged { from, to, after } => {
-                m.insert(
-                    "from".into(),
-                    json!({"code": from, "name": status_name(*from)}),
-                );
-                m.insert("to".into(), json!({"code": to, "name": status_name(*to)}));
-                m.insert("after".into(), Value::Object(after.clone()));
-                m.insert("changed".into(), json!(["status"]));
+                m.serialize_entry("from", &json!({"code": from, "name": status_name(*from)}))?;
+                m.serialize_entry("to", &json!({"code": to, "name": status_name(*to)}))?;
+                m.serialize_entry("after", after)?;
+                m.serialize_entry("changed", &["status"])?;
             }
             Body::DeadLetter { event, reason, raw } => {
                 use base64::Engine;
-                m.insert("event".into(), json!(event));
-                m.insert("reason".into(), json!(reason));
-                m.insert(
-                    "raw".into(),
-                    json!(base64::engine::general_purpose::STANDARD.encode(raw)),
-                );
+                m.serialize_entry("event", event)?;
+                m.serialize_entry("reason", reason)?;
+                m.serialize_entry(
+                    "raw",
+                    &base64::engine::general_purpose::STANDARD.encode(raw),
+                )?;
             }
             Body::Job { client_id, frame } => {
-                m.insert("clientId".into(), json!(client_id));
-                m.insert("data".into(), Value::Object(frame.clone()));
+                m.serialize_entry("clientId", client_id)?;
+                m.serialize_entry("data", frame)?;
             }
         }
-        v
+        m.end()
     }
 }
 

@@ -13,7 +13,7 @@ impl Encoder for JsonEncoder {
     }
 
     fn encode(&self, record: &Record) -> Result<Vec<u8>, EncodeError> {
-        serde_json::to_vec(&record.to_json()).map_err(|e| EncodeError {
+        serde_json::to_vec(record).map_err(|e| EncodeError {
             id: record.id.clone(),
             message: e.to_string(),
         })

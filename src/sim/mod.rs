@@ -212,9 +212,13 @@ pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHan
             links: cfg.links,
         },
     );
+    // Load mutations run on a copy that becomes the truth when `POST /load/start` pushes
+    // their diffs: a client that took its snapshot before sees every pushed diff as new.
+    let mut load_world = (cfg.load > 0).then(|| world.clone());
     let mut load = Vec::with_capacity(cfg.load);
     for _ in 0..cfg.load {
-        let applied = generator::step(&mut world);
+        let Some(w) = load_world.as_mut() else { break };
+        let applied = generator::step(w);
         // Serialising a serde_json::Value cannot fail: its keys are strings.
         let raw = serde_json::value::to_raw_value(&applied.diff).unwrap_or_else(|_| empty_diff());
         load.push((applied.owner, raw));
@@ -231,6 +235,7 @@ pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHan
     sim.paused.store(cfg.start_paused, Ordering::SeqCst);
     sim.drop_reads.store(cfg.drop_reads, Ordering::SeqCst);
     *lock(&sim.load) = load;
+    *lock(&sim.load_world) = load_world;
 
     let api = bind(&cfg.bind, cfg.port).await?;
     let jobs_listener = bind(&cfg.bind, cfg.jobs_port).await?;

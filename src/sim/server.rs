@@ -113,6 +113,9 @@ pub struct Sim {
     sessions: Mutex<HashMap<usize, usize>>,
     /// Pre-generated `graph:diff` payloads of load mode, by owner, in order.
     pub load: Mutex<Vec<(usize, Box<RawValue>)>>,
+    /// The world after the load mutations; it replaces the live world when the push starts,
+    /// so the truth and the pushed diffs change together.
+    pub load_world: Mutex<Option<World>>,
     io: Mutex<Option<SocketIo>>,
 }
 
@@ -193,6 +196,7 @@ impl Sim {
             limits,
             sessions: Mutex::new(HashMap::new()),
             load: Mutex::new(Vec::new()),
+            load_world: Mutex::new(None),
             io: Mutex::new(None),
         })
     }
@@ -418,6 +422,9 @@ impl Sim {
             return;
         };
         let events = std::mem::take(&mut *lock(&self.load));
+        if let Some(after) = lock(&self.load_world).take() {
+            *lock(&self.world) = after;
+        }
         let uids: Vec<String> = lock(&self.world)
             .users
             .iter()

@@ -201,6 +201,7 @@ pub struct WorldStats {
 }
 
 /// The whole simulated service state.
+#[derive(Clone)]
 pub struct World {
     pub users: Vec<User>,
     nodes: HashMap<Uuid, Node>,
