@@ -676,7 +676,7 @@ mod tests {
         CheckpointOp::Upsert {
             key: key.into(),
             version,
-            state: json!({ "v": version }).as_object().cloned().unwrap(),
+            state: json!({ "v": version }).as_object().cloned().unwrap().into(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! is how snapshot pages and buffered diffs merge without ever going back.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -22,8 +23,9 @@ const BOOKKEEPING: &[&str] = &["id", "version", "lastEditedTime"];
 pub struct Known {
     /// Its version.
     pub version: u64,
-    /// Its full state (camelCase fields as the API sends them; `inTrash: true` while trashed).
-    pub state: Map<String, Value>,
+    /// Its full state (camelCase fields as the API sends them; `inTrash: true` while trashed),
+    /// shared with the records and checkpoint ops that carry it.
+    pub state: Arc<Map<String, Value>>,
 }
 
 /// The working view: every entity's latest known state, keyed `node:<id>` / `link:<id>`.
@@ -159,8 +161,8 @@ fn entity_record(
     id: &str,
     version: u64,
     change: Change,
-    before: Option<Map<String, Value>>,
-    after: Option<Map<String, Value>>,
+    before: Option<Arc<Map<String, Value>>>,
+    after: Option<Arc<Map<String, Value>>>,
     origin: Origin,
     trace: &TraceContext,
 ) -> Record {
@@ -177,7 +179,7 @@ fn entity_record(
         id: format!("{}:{id}:{version}", kind.as_str()),
         source: ctx.source.clone(),
         subject: id.to_string(),
-        time: time_of(after.as_ref().or(before.as_ref()), ctx),
+        time: time_of(after.as_deref().or(before.as_deref()), ctx),
         sequence: version,
         trace: trace.clone(),
         origin,
@@ -261,7 +263,8 @@ pub fn apply_entity(
             entry.clone(),
         ),
         Some(k) => {
-            let mut after = k.state.clone();
+            // The one copy a change costs: the merged state; everything else shares it.
+            let mut after = Map::clone(&k.state);
             for (f, v) in entry {
                 after.insert(f.clone(), v.clone());
             }
@@ -283,6 +286,7 @@ pub fn apply_entity(
     if before.is_some() && !entry.contains_key("lastEditedTime") {
         after.insert("lastEditedTime".into(), Value::String(ctx.now.clone()));
     }
+    let after = Arc::new(after);
     let status_change = match (kind, &before) {
         (EntityKind::Node, Some(b)) => match (status_of(b), status_of(&after)) {
             (Some(from), Some(to)) if from != to => Some((from, to)),
@@ -616,7 +620,7 @@ mod tests {
             vec![CheckpointOp::Upsert {
                 key: "node:d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54".into(),
                 version: 3,
-                state: obj(r["after"].clone())
+                state: obj(r["after"].clone()).into()
             }]
         );
     }

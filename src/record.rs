@@ -3,6 +3,8 @@
 //! whichever path saw a change (snapshot or live diff) and however often it was sent, consumers
 //! can recognise duplicates.
 
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 
 /// The kind of entity a record is about.
@@ -152,9 +154,9 @@ pub enum Body {
         /// What happened.
         change: Change,
         /// Full state before (null when first seen).
-        before: Option<Map<String, Value>>,
+        before: Option<Arc<Map<String, Value>>>,
         /// Full state after (null when deleted).
-        after: Option<Map<String, Value>>,
+        after: Option<Arc<Map<String, Value>>>,
         /// Fields whose value differs between before and after.
         changed: Vec<String>,
     },
@@ -165,7 +167,7 @@ pub enum Body {
         /// New status code.
         to: i64,
         /// The node after the change.
-        after: Map<String, Value>,
+        after: Arc<Map<String, Value>>,
     },
     /// Input that could not be parsed.
     DeadLetter {
@@ -341,7 +343,7 @@ mod tests {
             body: Body::StatusChanged {
                 from: 1,
                 to: 3,
-                after: Map::new(),
+                after: Map::new().into(),
             },
         };
         let v = r.to_json();

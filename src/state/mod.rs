@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -26,8 +27,8 @@ pub type EntityKey = String;
 pub struct EntityState {
     /// The version of the last acknowledged record.
     pub version: u64,
-    /// The full entity as that record's `after` had it.
-    pub state: Map<String, Value>,
+    /// The full entity as that record's `after` had it (shared with the view and the record).
+    pub state: Arc<Map<String, Value>>,
 }
 
 /// Everything the checkpoint holds.
@@ -51,7 +52,7 @@ pub enum CheckpointOp {
         /// Delivered version.
         version: u64,
         /// Full state after the change.
-        state: Map<String, Value>,
+        state: Arc<Map<String, Value>>,
     },
     /// The entity's deletion was delivered.
     Remove {

@@ -98,8 +98,13 @@ impl CheckpointStore for RedbStore {
             let (key, value) = row.map_err(io)?;
             let key = key.value();
             let (version, state) = decode_entity(key, value.value())?;
-            cp.entities
-                .insert(key.to_owned(), EntityState { version, state });
+            cp.entities.insert(
+                key.to_owned(),
+                EntityState {
+                    version,
+                    state: state.into(),
+                },
+            );
         }
 
         let meta = txn.open_table(META).map_err(io)?;
@@ -239,7 +244,7 @@ mod tests {
         CheckpointOp::Upsert {
             key: key.into(),
             version,
-            state: state(json!({ "id": key, "title": title, "tags": ["a", 1, null] })),
+            state: state(json!({ "id": key, "title": title, "tags": ["a", 1, null] })).into(),
         }
     }
 
