@@ -53,7 +53,8 @@ fn batch(i: u64) -> Vec<CheckpointOp> {
             state: json!({ "id": e, "version": i, "pad": "x".repeat(200) })
                 .as_object()
                 .cloned()
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into(),
         })
         .collect();
     ops.push(CheckpointOp::JobPosition {
