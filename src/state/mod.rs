@@ -119,6 +119,12 @@ impl CheckpointStore for MemoryStore {
     }
 }
 
+/// Whether a delivered `incoming` version may replace the `current` one: a delivered version
+/// never goes back, whatever order ops arrive in. Every store decides with this.
+pub fn may_replace(current: Option<u64>, incoming: u64) -> bool {
+    current.is_none_or(|c| c <= incoming)
+}
+
 /// Applies one op to an in-memory checkpoint; stores share it so they agree on semantics.
 pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
     match op {
@@ -127,9 +133,7 @@ pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
             version,
             state,
         } => {
-            // A delivered version never goes back, whatever order ops arrive in.
-            let keep = cp.entities.get(key).is_some_and(|e| e.version > *version);
-            if !keep {
+            if may_replace(cp.entities.get(key).map(|e| e.version), *version) {
                 cp.entities.insert(
                     key.clone(),
                     EntityState {

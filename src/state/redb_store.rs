@@ -158,8 +158,7 @@ fn apply_one(
                 Some(guard) => Some(decode_version(key, guard.value())?),
                 None => None,
             };
-            // A delivered version never goes back, whatever order ops arrive in.
-            if current.is_some_and(|v| v > *version) {
+            if !super::may_replace(current, *version) {
                 return Ok(());
             }
             let bytes = encode_entity(key, *version, state)?;
