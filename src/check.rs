@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::app::{self, AppError};
 use crate::config::Config;
-use crate::source::synaptask::session::{Refusal, Session};
+use crate::source::synaptask::{establish, Attempt};
 use crate::source::SourceError;
 
 /// One line of the report.
@@ -78,33 +78,15 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
 
 async fn check_source(cfg: &Config) -> Result<String, AppError> {
     let token = cfg.source.token()?;
-    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
-    let mut session = Session::open(
-        &cfg.source.endpoint(),
-        &token,
-        16,
-        Duration::from_millis(cfg.source.ack_timeout_ms),
-    )
-    .await
-    .map_err(|e| SourceError::Config(format!("cannot reach {}: {e}", cfg.source.url)))?;
-    let uid = match session.wait_connected(timeout).await {
-        Ok(uid) => uid,
-        Err(Refusal::Auth { code, message }) => {
-            session.close().await;
-            return Err(SourceError::Auth {
-                url: cfg.source.url.clone(),
-                code,
-                message,
-            }
-            .into());
-        }
-        Err(Refusal::Other(reason)) => {
-            session.close().await;
+    let (session, uid) = match establish(&cfg.source, &token, 16).await {
+        Ok(established) => established,
+        Err(Attempt::Refused(e)) => return Err(e.into()),
+        Err(Attempt::Failed(reason)) => {
             return Err(SourceError::Config(format!(
                 "{}: session not established: {reason}",
                 cfg.source.url
             ))
-            .into());
+            .into())
         }
     };
     let probe = session

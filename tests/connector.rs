@@ -582,3 +582,54 @@ async fn every_ack_answers_its_own_call() {
     }
     session.close().await;
 }
+
+#[test]
+fn check_reports_each_part_and_exits_2_on_a_refused_token() {
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "10",
+        "--links",
+        "10",
+        "--rate",
+        "0",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = file_config(&sim, "")
+        .replace("{dir}", &dir.path().display().to_string())
+        .replace("{metrics}", "0");
+    let path = dir.path().join("taskstream.toml");
+    std::fs::write(&path, config).unwrap();
+    let run = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskstream"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("SYNAPTASK_API_TOKEN", token)
+            .output()
+            .expect("run taskstream check")
+    };
+    let ok = run(TOKEN);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for part in ["config", "source", "state", "sink file"] {
+        assert!(
+            out.lines().any(|l| l.starts_with("ok") && l.contains(part)),
+            "no ok line for {part}:\n{out}"
+        );
+    }
+    assert!(out.contains(UID), "the source line names the user: {out}");
+    let refused = run("st_wrong");
+    let out = String::from_utf8_lossy(&refused.stdout);
+    assert_eq!(refused.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("FAIL") && out.contains("unauthorized"),
+        "{out}"
+    );
+    assert!(!out.contains("st_wrong"), "the token is not echoed: {out}");
+}

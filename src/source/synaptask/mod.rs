@@ -144,6 +144,49 @@ impl SynapTaskConfig {
     }
 }
 
+/// Why one connection attempt gave no session.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The server refused the token: fatal, never retried.
+    Refused(SourceError),
+    /// Anything else (network, limits, timeouts): worth another attempt later.
+    Failed(String),
+}
+
+/// One connection attempt: opens the transport and waits for the `connected` event, which is
+/// what decides success (rust_socketio's `connect()` returns Ok even for a refused token).
+pub async fn establish(
+    cfg: &SynapTaskConfig,
+    token: &Secret,
+    diff_buffer: usize,
+) -> Result<(Session, String), Attempt> {
+    let mut session = Session::open(
+        &cfg.endpoint(),
+        token,
+        diff_buffer,
+        Duration::from_millis(cfg.ack_timeout_ms),
+    )
+    .await
+    .map_err(|e| Attempt::Failed(format!("cannot reach the API: {e}")))?;
+    match session
+        .wait_connected(Duration::from_millis(cfg.connect_timeout_ms))
+        .await
+    {
+        Ok(uid) => Ok((session, uid)),
+        Err(refusal) => {
+            session.close().await;
+            Err(match refusal {
+                Refusal::Auth { code, message } => Attempt::Refused(SourceError::Auth {
+                    url: cfg.url.clone(),
+                    code,
+                    message,
+                }),
+                Refusal::Other(reason) => Attempt::Failed(reason),
+            })
+        }
+    }
+}
+
 /// The source: config plus the token.
 pub struct SynapTaskSource {
     cfg: SynapTaskConfig,
@@ -193,7 +236,6 @@ impl SynapTaskSource {
             Duration::from_millis(self.cfg.read_window_ms),
         );
         let mut failures: u32 = 0;
-        let endpoint = self.cfg.endpoint();
         loop {
             // Backoff with full jitter, then the connect budget: the budget alone caps attempts
             // below the documented limits whatever the backoff says.
@@ -217,35 +259,16 @@ impl SynapTaskSource {
             }
             connects.try_hit(&());
             inc(&metrics().connect_attempts_total);
-            let opened = tokio::select! {
+            let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                s = Session::open(&endpoint, &self.token, self.cfg.diff_buffer, Duration::from_millis(self.cfg.ack_timeout_ms)) => s,
+                a = establish(&self.cfg, &self.token, self.cfg.diff_buffer) => a,
             };
-            let mut session = match opened {
-                Ok(s) => s,
-                Err(e) => {
+            let (mut session, uid) = match attempt {
+                Ok(established) => established,
+                Err(Attempt::Refused(e)) => return Err(e),
+                Err(Attempt::Failed(reason)) => {
                     failures += 1;
-                    tracing::warn!(error = %e, url = %self.cfg.url, "cannot reach the SynapTask API");
-                    continue;
-                }
-            };
-            let uid = match session
-                .wait_connected(Duration::from_millis(self.cfg.connect_timeout_ms))
-                .await
-            {
-                Ok(uid) => uid,
-                Err(Refusal::Auth { code, message }) => {
-                    session.close().await;
-                    return Err(SourceError::Auth {
-                        url: self.cfg.url.clone(),
-                        code,
-                        message,
-                    });
-                }
-                Err(Refusal::Other(reason)) => {
-                    session.close().await;
-                    failures += 1;
-                    tracing::warn!(%reason, "session not established");
+                    tracing::warn!(%reason, url = %self.cfg.url, "session not established");
                     continue;
                 }
             };
