@@ -226,6 +226,64 @@ pub struct World {
 
 pub use crate::record::now_rfc3339;
 
+/// What nodes and links share for history: a version, an edit stamp, and named fields.
+trait Versioned {
+    fn stamp(&mut self, ts: &str, batch: Uuid) -> u64;
+    fn version(&self) -> u64;
+    fn field(&self, name: &str) -> Value;
+}
+
+impl Versioned for Node {
+    fn stamp(&mut self, ts: &str, batch: Uuid) -> u64 {
+        let guard = self.version;
+        self.version += 1;
+        self.last_edited_time = ts.to_string();
+        self.last_batch = batch;
+        guard
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn field(&self, name: &str) -> Value {
+        Node::field(self, name)
+    }
+}
+
+impl Versioned for Link {
+    fn stamp(&mut self, ts: &str, batch: Uuid) -> u64 {
+        let guard = self.version;
+        self.version += 1;
+        self.last_edited_time = ts.to_string();
+        self.last_batch = batch;
+        guard
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn field(&self, name: &str) -> Value {
+        Link::field(self, name)
+    }
+}
+
+/// Bumps an entity's version for one op of `tx` and builds the op's forward and inverse
+/// patches (the changed fields plus the version) and its guard (the version before).
+fn bump(
+    e: &mut impl Versioned,
+    tx: &Tx,
+    fields: &[(&'static str, Value)],
+) -> (Map<String, Value>, Map<String, Value>, u64) {
+    let guard = e.stamp(&tx.ts, tx.batch_id);
+    let mut forward = Map::new();
+    let mut inverse = Map::new();
+    for (name, old) in fields {
+        forward.insert((*name).to_string(), e.field(name));
+        inverse.insert((*name).to_string(), old.clone());
+    }
+    forward.insert("version".into(), json!(e.version()));
+    inverse.insert("version".into(), json!(guard));
+    (forward, inverse, guard)
+}
+
 fn pair(a: Uuid, b: Uuid) -> (Uuid, Uuid) {
     if a < b {
         (a, b)
@@ -419,23 +477,14 @@ impl World {
         let Some(node) = self.nodes.get_mut(&id) else {
             return 0;
         };
-        let guard = node.version;
-        node.version += 1;
-        node.last_edited_time = tx.ts.clone();
-        node.last_batch = tx.batch_id;
-        let mut forward = Map::new();
-        let mut inverse = Map::new();
-        for (name, old) in fields {
-            forward.insert((*name).to_string(), node.field(name));
-            inverse.insert((*name).to_string(), old.clone());
-        }
-        forward.insert("version".into(), json!(node.version));
-        inverse.insert("version".into(), json!(guard));
-        let entry = Tx::entry(&mut tx.nodes, id, EntryKind::Partial);
-        entry.fields.extend(fields.iter().map(|(n, _)| *n));
+        let (forward, inverse, guard) = bump(node, tx, fields);
+        Tx::entry(&mut tx.nodes, id, EntryKind::Partial)
+            .fields
+            .extend(fields.iter().map(|(n, _)| *n));
         self.push_op(tx, kind, id, forward, inverse, guard)
     }
 
+    /// The same for a link.
     fn link_op(
         &mut self,
         tx: &mut Tx,
@@ -446,20 +495,10 @@ impl World {
         let Some(link) = self.links.get_mut(&id) else {
             return 0;
         };
-        let guard = link.version;
-        link.version += 1;
-        link.last_edited_time = tx.ts.clone();
-        link.last_batch = tx.batch_id;
-        let mut forward = Map::new();
-        let mut inverse = Map::new();
-        for (name, old) in fields {
-            forward.insert((*name).to_string(), link.field(name));
-            inverse.insert((*name).to_string(), old.clone());
-        }
-        forward.insert("version".into(), json!(link.version));
-        inverse.insert("version".into(), json!(guard));
-        let entry = Tx::entry(&mut tx.links, id, EntryKind::Partial);
-        entry.fields.extend(fields.iter().map(|(n, _)| *n));
+        let (forward, inverse, guard) = bump(link, tx, fields);
+        Tx::entry(&mut tx.links, id, EntryKind::Partial)
+            .fields
+            .extend(fields.iter().map(|(n, _)| *n));
         self.push_op(tx, kind, id, forward, inverse, guard)
     }
 
