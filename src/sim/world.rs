@@ -233,37 +233,27 @@ trait Versioned {
     fn field(&self, name: &str) -> Value;
 }
 
-impl Versioned for Node {
-    fn stamp(&mut self, ts: &str, batch: Uuid) -> u64 {
-        let guard = self.version;
-        self.version += 1;
-        self.last_edited_time = ts.to_string();
-        self.last_batch = batch;
-        guard
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn field(&self, name: &str) -> Value {
-        Node::field(self, name)
-    }
+// Nodes and links keep their version and edit stamp in fields of the same names.
+macro_rules! versioned {
+    ($($t:ty),*) => {$(
+        impl Versioned for $t {
+            fn stamp(&mut self, ts: &str, batch: Uuid) -> u64 {
+                let guard = self.version;
+                self.version += 1;
+                self.last_edited_time = ts.to_string();
+                self.last_batch = batch;
+                guard
+            }
+            fn version(&self) -> u64 {
+                self.version
+            }
+            fn field(&self, name: &str) -> Value {
+                <$t>::field(self, name)
+            }
+        }
+    )*};
 }
-
-impl Versioned for Link {
-    fn stamp(&mut self, ts: &str, batch: Uuid) -> u64 {
-        let guard = self.version;
-        self.version += 1;
-        self.last_edited_time = ts.to_string();
-        self.last_batch = batch;
-        guard
-    }
-    fn version(&self) -> u64 {
-        self.version
-    }
-    fn field(&self, name: &str) -> Value {
-        Link::field(self, name)
-    }
-}
+versioned!(Node, Link);
 
 /// Bumps an entity's version for one op of `tx` and builds the op's forward and inverse
 /// patches (the changed fields plus the version) and its guard (the version before).
