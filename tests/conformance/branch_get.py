@@ -7,7 +7,7 @@ import socketio
 SERVER_URL = os.environ["SERVER_URL"]
 API_TOKEN = os.environ["API_TOKEN"]
 ROOT = os.environ["ROOT"]
-sio = socketio.Client(logger=False, engineio_logger=False)
+sio = socketio.Client(logger=False, engineio_logger=False, reconnection=False)
 all_nodes, all_links = [], []
 limit, offset = int(os.environ.get("LIMIT", "1000")), 0
 errors = []

@@ -6,7 +6,7 @@ import socketio
 
 SERVER_URL = os.environ["SERVER_URL"]
 API_TOKEN = os.environ["API_TOKEN"]
-sio = socketio.Client(logger=False, engineio_logger=False)
+sio = socketio.Client(logger=False, engineio_logger=False, reconnection=False)
 all_nodes, all_links = [], []
 limit, offset = 1000, 0
 errors = []

@@ -11,7 +11,7 @@ SCOPE_TYPE = os.environ.get("SCOPE_TYPE", "GRAPH")
 SCOPE_ID = os.environ["SCOPE_ID"]
 LIMIT = int(os.environ.get("LIMIT", "100"))
 
-sio = socketio.Client()
+sio = socketio.Client(reconnection=False)
 batches, acks = [], []
 
 
