@@ -9,6 +9,7 @@ use figment::providers::{Env, Format as _, Toml};
 use figment::Figment;
 use serde::Deserialize;
 
+use crate::delivery::DeliverySection;
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::nats::NatsConfig;
 use crate::sink::stdout::StdoutConfig;
@@ -34,29 +35,6 @@ pub struct Config {
     pub sinks: SinksConfig,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
-}
-
-/// `[delivery]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliverySection {
-    /// Messages in flight (sent, not yet acknowledged) at most; when a broker stalls, the
-    /// connector stops taking input at this bound.
-    pub max_in_flight: usize,
-    /// Checkpoint ops written per store transaction at most.
-    pub max_batch: usize,
-    /// Seconds to wait at shutdown for in-flight messages to be acknowledged.
-    pub drain_timeout_secs: u64,
-}
-
-impl Default for DeliverySection {
-    fn default() -> Self {
-        Self {
-            max_in_flight: 20_000,
-            max_batch: 5_000,
-            drain_timeout_secs: 30,
-        }
-    }
 }
 
 /// Record body formats.

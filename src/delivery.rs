@@ -35,6 +35,29 @@ const ENQUEUE_RETRY_MIN: Duration = Duration::from_millis(10);
 /// Longest wait between `enqueue` retries.
 const ENQUEUE_RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// `[delivery]` in the config file; the window itself takes the [`DeliveryConfig`] made from it.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// Messages in flight (sent, not yet acknowledged) at most; when a broker stalls, the
+    /// connector stops taking input at this bound.
+    pub max_in_flight: usize,
+    /// Checkpoint ops written per store transaction at most.
+    pub max_batch: usize,
+    /// Seconds to wait at shutdown for in-flight messages to be acknowledged.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 20_000,
+            max_batch: 5_000,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
 /// Sizes of the delivery window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
