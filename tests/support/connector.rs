@@ -328,7 +328,10 @@ impl Latest {
 /// Reads a JSON-lines file written by the file sink.
 pub fn read_file_sink(path: &std::path::Path) -> Vec<Seen> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    // The sink may be mid-write: a last line without its newline is not complete yet.
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let v: Value = serde_json::from_str(l)
