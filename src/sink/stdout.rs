@@ -56,14 +56,22 @@ impl StdoutSink {
     pub fn new(cfg: &StdoutConfig) -> Result<Self, SinkError> {
         let (name, out) = match &cfg.path {
             Some(p) => {
-                let f = std::fs::OpenOptions::new()
+                let open_error = |e: std::io::Error| SinkError::Fatal {
+                    sink: "file".into(),
+                    message: format!("cannot open {}: {e}", p.display()),
+                };
+                let mut f = std::fs::OpenOptions::new()
                     .create(true)
+                    .read(true)
                     .append(true)
                     .open(p)
-                    .map_err(|e| SinkError::Fatal {
-                        sink: "file".into(),
-                        message: format!("cannot open {}: {e}", p.display()),
-                    })?;
+                    .map_err(open_error)?;
+                // A kill mid-write leaves a partial last line; end it, so the next record
+                // starts a line of its own (the partial record was never acknowledged and
+                // will be sent again).
+                if ends_mid_line(&mut f).map_err(open_error)? {
+                    f.write_all(b"\n").map_err(open_error)?;
+                }
                 ("file".to_string(), Out::File(std::io::BufWriter::new(f)))
             }
             None => (
@@ -83,6 +91,18 @@ impl StdoutSink {
             message: e.to_string(),
         }
     }
+}
+
+/// Whether a non-empty file's last byte is not a newline.
+fn ends_mid_line(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 fn lock(m: &Mutex<Out>) -> std::sync::MutexGuard<'_, Out> {
@@ -174,6 +194,32 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "{\"id\":\"node:a:1\"}\n{\"id\":\"node:a:2\"}\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_partial_last_line_is_ended_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, "{\"id\":\"a\"}\n{\"id\":\"b").unwrap();
+        let sink = StdoutSink::new(&StdoutConfig {
+            enabled: true,
+            path: Some(path.clone()),
+        })
+        .unwrap();
+        let msg = Arc::new(Message {
+            route: Route::Nodes,
+            event: "created".into(),
+            id: "node:c:1".into(),
+            key: "c".into(),
+            payload: Some(b"{\"id\":\"c\"}".to_vec()),
+            headers: vec![],
+        });
+        sink.enqueue(msg).await.unwrap().await.unwrap();
+        sink.flush().await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"b\n{\"id\":\"c\"}\n"
         );
     }
 }
