@@ -346,6 +346,13 @@ impl Pipeline {
     }
 }
 
+/// What a finished source task means for the run: its own error, or a panic as an error.
+fn source_outcome(
+    joined: Result<Result<(), SourceError>, tokio::task::JoinError>,
+) -> Result<(), SourceError> {
+    joined.unwrap_or_else(|e| Err(SourceError::Config(format!("source task failed: {e}"))))
+}
+
 /// Runs the connector until `shutdown` fires, a fatal error, or `opts.max_records`.
 pub async fn run(
     cfg: Config,
@@ -395,7 +402,7 @@ pub async fn run(
     let sources_stop = shutdown.child_token();
     let mut source_task =
         tokio::spawn(Box::new(source).run(tx.clone(), control_rx, sources_stop.clone()));
-    let jobs_task = jobs.map(|j| {
+    let mut jobs_task = jobs.map(|j| {
         let (_unused_tx, unused_rx) = mpsc::channel(1);
         tokio::spawn(Box::new(j).run(tx.clone(), unused_rx, sources_stop.clone()))
     });
@@ -415,13 +422,12 @@ pub async fn run(
         max_records: opts.max_records,
     };
 
-    let mut source_result: Option<Result<(), SourceError>> = None;
+    // Set once a source task has ended on its own (its result already handled).
+    let mut source_done = false;
+    let mut jobs_done = jobs_task.is_none();
     let result: Result<(), AppError> = async {
         loop {
-            if p.done() {
-                break;
-            }
-            if shutdown.is_cancelled() {
+            if p.done() || shutdown.is_cancelled() {
                 break;
             }
             // Unbiased: a steady stream of acks must not starve input, nor input the acks.
@@ -432,12 +438,13 @@ pub async fn run(
                     Some(ev) => p.handle(ev).await?,
                     None => break,
                 },
-                r = &mut source_task, if source_result.is_none() => {
-                    let r = r.unwrap_or_else(|e| Err(SourceError::Config(format!("source task failed: {e}"))));
-                    if let Err(e) = r {
-                        return Err(e.into());
-                    }
-                    source_result = Some(Ok(()));
+                r = &mut source_task, if !source_done => {
+                    source_done = true;
+                    source_outcome(r)?;
+                }
+                r = async { match jobs_task.as_mut() { Some(t) => t.await, None => std::future::pending().await } }, if !jobs_done => {
+                    jobs_done = true;
+                    source_outcome(r)?;
                 }
             }
         }
@@ -448,14 +455,11 @@ pub async fn run(
     // A closed channel without shutdown means the source ended, perhaps with an error that
     // must win (a refused token exits 2); its task finishes right after dropping the channel.
     let result = match result {
-        Ok(()) if source_result.is_none() && !shutdown.is_cancelled() && !p.done() => {
+        Ok(()) if !source_done && !shutdown.is_cancelled() && !p.done() => {
             match tokio::time::timeout(Duration::from_secs(5), &mut source_task).await {
                 Ok(joined) => {
-                    source_result = Some(Ok(()));
-                    match joined {
-                        Ok(Err(e)) => Err(AppError::from(e)),
-                        _ => Ok(()),
-                    }
+                    source_done = true;
+                    source_outcome(joined).map_err(AppError::from)
                 }
                 Err(_) => Ok(()),
             }
@@ -482,10 +486,10 @@ pub async fn run(
             tracing::warn!(sink = s.name(), error = %e, "flush failed");
         }
     }
-    if source_result.is_none() {
+    if !source_done {
         source_task.abort();
     }
-    if let Some(j) = jobs_task {
+    if let (Some(j), false) = (jobs_task, jobs_done) {
         j.abort();
     }
     result?;

@@ -633,3 +633,30 @@ fn check_reports_each_part_and_exits_2_on_a_refused_token() {
     );
     assert!(!out.contains("st_wrong"), "the token is not echoed: {out}");
 }
+
+#[test]
+fn refused_job_api_token_also_exits_with_code_2() {
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "10",
+        "--links",
+        "10",
+        "--rate",
+        "0",
+    ]);
+    let config = file_config(&sim, "").replace(
+        "[state]",
+        &format!(
+            "[jobs]\nenabled = true\nurl = \"ws://127.0.0.1:{}/api/v1/ws\"\ntoken_env = \"E2E_JOBS_TOKEN\"\n\n[state]",
+            sim.jobs_port
+        ),
+    );
+    let mut c = Connector::start_with_env(&config, TOKEN, &[("E2E_JOBS_TOKEN", "st_not_for_jobs")]);
+    let status = c
+        .wait_exit(Duration::from_secs(20))
+        .expect("the connector exits on a refused job-API token");
+    assert_eq!(status.code(), Some(2), "log:\n{}", c.log());
+    assert!(c.log().contains("job API refused the token"), "{}", c.log());
+}
