@@ -72,14 +72,6 @@ impl View {
     pub fn is_empty(&self) -> bool {
         self.entities.is_empty()
     }
-
-    /// Keys of known entities that are not in trash.
-    pub fn active_keys(&self) -> impl Iterator<Item = &String> {
-        self.entities
-            .iter()
-            .filter(|(_, k)| !is_trashed(&k.state))
-            .map(|(key, _)| key)
-    }
 }
 
 /// Where records come from, for the envelope.
