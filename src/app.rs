@@ -4,10 +4,11 @@
 //! One task applies source events in order, so the view, record ids and checkpoint ops stay
 //! consistent without locks; the sources and the metrics endpoint run beside it.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -16,8 +17,9 @@ use crate::delivery::{Delivery, DeliveryConfig, DeliveryError};
 use crate::encode::json::JsonEncoder;
 use crate::encode::{to_messages, EncodeError, Encoder};
 use crate::metrics::{inc, metrics};
+use crate::normalize::history::RecentIds;
 use crate::normalize::{self, Ctx, Group, Outcome, View};
-use crate::record::{Origin, TraceContext};
+use crate::record::{Body, EntityKind, Origin, TraceContext};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::stdout::StdoutSink;
@@ -26,7 +28,7 @@ use crate::source::jobs::JobsSource;
 use crate::source::synaptask::SynapTaskSource;
 use crate::source::{Control, Source, SourceError, SourceEvent};
 use crate::state::redb_store::RedbStore;
-use crate::state::{CheckpointStore, MemoryStore, StateError};
+use crate::state::{CheckpointOp, CheckpointStore, MemoryStore, StateError};
 
 /// Why the connector stopped.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +160,28 @@ async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> Result<(), Ap
     Ok(())
 }
 
+/// Bytes of live diffs held at most for entities not known yet (see [`Pipeline::hold`]).
+const PENDING_BYTES: usize = 16 * 1024 * 1024;
+
+/// Status record ids remembered, so history does not publish again what a live diff did.
+const RECENT_STATUS_IDS: usize = 200_000;
+
+/// A live diff entry held until the entity it changes is known.
+struct Held {
+    kind: EntityKind,
+    entity: Map<String, Value>,
+    trace: TraceContext,
+    bytes: usize,
+}
+
+/// A gap announced by the source, published once the snapshot that reconciles it is done.
+struct PendingGap {
+    scope: String,
+    from_op_id: u64,
+    oldest_available_op_id: Option<u64>,
+    reason: String,
+}
+
 /// The single task that applies source events in order.
 struct Pipeline {
     view: View,
@@ -165,7 +189,20 @@ struct Pipeline {
     delivery: Delivery,
     encoder: Box<dyn Encoder>,
     control: mpsc::Sender<Control>,
-    reconcile_pending: bool,
+    /// A catch-up was asked for and has not finished yet.
+    catch_up_requested: bool,
+    /// A snapshot was asked for and has not finished yet.
+    reconcile_requested: bool,
+    /// A snapshot is being read: keys changed meanwhile count as seen by it.
+    snapshot_active: bool,
+    touched: HashSet<String>,
+    /// Whether a snapshot was completed before (later ones count what they repair).
+    snapshot_before: bool,
+    /// Partial diffs of entities not known yet, oldest first, bounded by [`PENDING_BYTES`].
+    held: VecDeque<Held>,
+    held_bytes: usize,
+    gaps: Vec<PendingGap>,
+    recent_status: RecentIds,
     summary: RunSummary,
     max_records: Option<u64>,
 }
@@ -185,6 +222,21 @@ impl Pipeline {
             group.records.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        for r in &group.records {
+            if matches!(r.body, Body::StatusChanged { .. }) {
+                self.recent_status.insert(&r.id);
+                if r.origin == Origin::History {
+                    inc(&metrics().status_from_history_total);
+                }
+            }
+        }
+        if self.snapshot_active {
+            for op in &group.ops {
+                if let CheckpointOp::Upsert { key, .. } | CheckpointOp::Remove { key } = op {
+                    self.touched.insert(key.clone());
+                }
+            }
+        }
         self.delivery.submit(messages, group.ops).await?;
         Ok(())
     }
@@ -203,12 +255,94 @@ impl Pipeline {
         self.submit(group).await
     }
 
+    fn ask(&mut self, c: Control) {
+        let flag = match &c {
+            Control::Reconcile { .. } => &mut self.reconcile_requested,
+            Control::CatchUp { .. } => &mut self.catch_up_requested,
+        };
+        if !*flag {
+            *flag = true;
+            let _ = self.control.try_send(c);
+        }
+    }
+
+    /// Holds a partial diff of an entity the view does not know: the history catch-up it asks
+    /// for (or the snapshot in progress) will bring the entity, and the diff is tried again.
+    /// The oldest held diffs go first when the buffer is full; history brings those back too.
+    fn hold(&mut self, kind: EntityKind, entity: Map<String, Value>, trace: &TraceContext) {
+        let bytes = entity.len() * 64 + 64;
+        while self.held_bytes + bytes > PENDING_BYTES {
+            let Some(old) = self.held.pop_front() else {
+                break;
+            };
+            self.held_bytes -= old.bytes;
+            inc(&metrics().pending_diffs_dropped_total);
+        }
+        self.held_bytes += bytes;
+        self.held.push_back(Held {
+            kind,
+            entity,
+            trace: trace.clone(),
+            bytes,
+        });
+        metrics()
+            .pending_diffs
+            .store(self.held.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        if !self.snapshot_active {
+            self.ask(Control::CatchUp {
+                reason: "a diff changed an entity never seen in full".into(),
+            });
+        }
+    }
+
+    /// Tries the held diffs again. What is still unknown after a snapshot was purged since
+    /// (stale); after a catch-up, only a snapshot can tell.
+    async fn retry_held(&mut self, after_snapshot: bool) -> Result<(), AppError> {
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        let mut unknown = 0usize;
+        for h in held {
+            let o = normalize::apply_entity(
+                &mut self.view,
+                &self.ctx,
+                h.kind,
+                &h.entity,
+                Origin::Diff,
+                &h.trace,
+            );
+            match o {
+                Outcome::NeedsSnapshot if after_snapshot => {
+                    inc(&metrics().stale_changes_total);
+                }
+                Outcome::NeedsSnapshot => {
+                    unknown += 1;
+                    self.held_bytes += h.bytes;
+                    self.held.push_back(h);
+                }
+                o => {
+                    let entity = h.entity;
+                    self.outcome(o, "graph:diff", h.kind, &entity, &h.trace)
+                        .await?
+                }
+            }
+        }
+        metrics()
+            .pending_diffs
+            .store(self.held.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        if unknown > 0 {
+            self.ask(Control::Reconcile {
+                reason: format!("{unknown} diffs changed entities history did not bring"),
+            });
+        }
+        Ok(())
+    }
+
     async fn outcome(
         &mut self,
         o: Outcome,
         event: &str,
-        covered: bool,
-        raw: impl FnOnce() -> Vec<u8>,
+        kind: EntityKind,
+        entity: &Map<String, Value>,
         trace: &TraceContext,
     ) -> Result<(), AppError> {
         match o {
@@ -217,21 +351,18 @@ impl Pipeline {
                 inc(&metrics().stale_changes_total);
                 Ok(())
             }
-            Outcome::NeedsSnapshot if covered => {
-                // The snapshot after it did not list the entity: it was purged since.
+            Outcome::NeedsSnapshot if event == "graph:get" => {
                 inc(&metrics().stale_changes_total);
                 Ok(())
             }
             Outcome::NeedsSnapshot => {
-                if !self.reconcile_pending {
-                    self.reconcile_pending = true;
-                    let _ = self.control.try_send(Control::Reconcile {
-                        reason: "a diff changed an entity never seen in full".into(),
-                    });
-                }
+                self.hold(kind, entity.clone(), trace);
                 Ok(())
             }
-            Outcome::Invalid(reason) => self.dead_letter(event, &raw(), &reason, trace).await,
+            Outcome::Invalid(reason) => {
+                let raw = Value::Object(entity.clone()).to_string().into_bytes();
+                self.dead_letter(event, &raw, &reason, trace).await
+            }
         }
     }
 
@@ -239,6 +370,10 @@ impl Pipeline {
         self.ctx.now = crate::record::now_rfc3339();
         match ev {
             SourceEvent::Session { source_uri } => self.ctx.source = source_uri,
+            SourceEvent::SnapshotStart => {
+                self.snapshot_active = true;
+                self.touched.clear();
+            }
             SourceEvent::SnapshotPage { items, trace } => {
                 for (kind, entity) in items {
                     let o = normalize::apply_entity(
@@ -249,41 +384,61 @@ impl Pipeline {
                         Origin::Snapshot,
                         &trace,
                     );
-                    self.outcome(
-                        o,
-                        "graph:get",
-                        true,
-                        || Value::Object(entity.clone()).to_string().into_bytes(),
-                        &trace,
-                    )
-                    .await?;
+                    if self.snapshot_before && matches!(o, Outcome::Changed(_)) {
+                        inc(&metrics().snapshot_changes_total);
+                    }
+                    self.outcome(o, "graph:get", kind, &entity, &trace).await?;
                 }
             }
-            SourceEvent::SnapshotDone { seen, trash, trace } => {
-                let groups = normalize::missing_after_snapshot(
+            SourceEvent::SnapshotDone {
+                mut seen,
+                trash,
+                trace,
+            } => {
+                self.retry_held(true).await?;
+                seen.extend(self.touched.drain());
+                self.snapshot_active = false;
+                let d = normalize::missing_after_snapshot(
                     &mut self.view,
                     &self.ctx,
                     &seen,
                     trash.as_ref(),
                     &trace,
                 );
-                for g in groups {
+                if self.snapshot_before {
+                    metrics()
+                        .snapshot_changes_total
+                        .fetch_add(d.groups.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                for g in d.groups {
                     self.submit(g).await?;
                 }
-                self.reconcile_pending = false;
+                if !d.unresolved.is_empty() {
+                    tracing::warn!(
+                        count = d.unresolved.len(),
+                        "entities left the active graph without a trash listing to tell trash from purge; published as trashed"
+                    );
+                }
+                for gap in std::mem::take(&mut self.gaps) {
+                    let g = normalize::history::gap(
+                        &self.ctx,
+                        &gap.scope,
+                        gap.from_op_id,
+                        gap.oldest_available_op_id,
+                        &gap.reason,
+                        d.unresolved.clone(),
+                        &trace,
+                    );
+                    self.submit(g).await?;
+                }
+                self.reconcile_requested = false;
+                self.snapshot_before = true;
                 self.delivery
-                    .submit(
-                        Vec::new(),
-                        vec![crate::state::CheckpointOp::SnapshotComplete],
-                    )
+                    .submit(Vec::new(), vec![CheckpointOp::SnapshotComplete])
                     .await?;
                 tracing::info!(entities = self.view.len(), "snapshot merged");
             }
-            SourceEvent::Diff {
-                payload,
-                covered,
-                trace,
-            } => match normalize::diff_entries(&payload) {
+            SourceEvent::Diff { payload, trace } => match normalize::diff_entries(&payload) {
                 Err(reason) => {
                     self.dead_letter(
                         "graph:diff",
@@ -304,6 +459,11 @@ impl Pipeline {
                         .await?;
                     }
                     for (kind, entity) in entries {
+                        if self.snapshot_active {
+                            if let Some(id) = entity.get("id").and_then(Value::as_str) {
+                                self.touched.insert(kind.key(id));
+                            }
+                        }
                         let o = normalize::apply_entity(
                             &mut self.view,
                             &self.ctx,
@@ -312,17 +472,54 @@ impl Pipeline {
                             Origin::Diff,
                             &trace,
                         );
-                        self.outcome(
-                            o,
-                            "graph:diff",
-                            covered,
-                            || Value::Object(entity.clone()).to_string().into_bytes(),
-                            &trace,
-                        )
-                        .await?;
+                        self.outcome(o, "graph:diff", kind, &entity, &trace).await?;
                     }
                 }
             },
+            SourceEvent::History {
+                scope,
+                batches,
+                trace,
+            } => {
+                for batch in batches {
+                    match normalize::history::apply_batch(
+                        &mut self.view,
+                        &self.ctx,
+                        &scope,
+                        &batch,
+                        &mut self.recent_status,
+                        &trace,
+                    ) {
+                        Ok(groups) => {
+                            for g in groups {
+                                self.submit(g).await?;
+                            }
+                        }
+                        Err(reason) => {
+                            let raw = Value::Object(batch).to_string().into_bytes();
+                            self.dead_letter("history:page", &raw, &reason, &trace)
+                                .await?;
+                        }
+                    }
+                }
+            }
+            SourceEvent::CatchUpDone => {
+                self.catch_up_requested = false;
+                if !self.held.is_empty() && !self.snapshot_active {
+                    self.retry_held(false).await?;
+                }
+            }
+            SourceEvent::Gap {
+                scope,
+                from_op_id,
+                oldest_available_op_id,
+                reason,
+            } => self.gaps.push(PendingGap {
+                scope,
+                from_op_id,
+                oldest_available_op_id,
+                reason,
+            }),
             SourceEvent::Job {
                 client_id,
                 index,
@@ -386,6 +583,8 @@ pub async fn run(
         "checkpoint loaded"
     );
     let view = View::from_checkpoint(checkpoint);
+    let source = source.resume_from(&checkpoint.history, checkpoint.snapshot_complete);
+    let snapshot_before = checkpoint.snapshot_complete;
     let jobs = if cfg.jobs.enabled {
         let delivered = checkpoint
             .jobs
@@ -417,7 +616,15 @@ pub async fn run(
         delivery,
         encoder: Box::new(JsonEncoder),
         control: control_tx,
-        reconcile_pending: false,
+        catch_up_requested: false,
+        reconcile_requested: false,
+        snapshot_active: false,
+        touched: HashSet::new(),
+        snapshot_before,
+        held: VecDeque::new(),
+        held_bytes: 0,
+        gaps: Vec::new(),
+        recent_status: RecentIds::new(RECENT_STATUS_IDS),
         summary: RunSummary::default(),
         max_records: opts.max_records,
     };

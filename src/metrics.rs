@@ -73,6 +73,20 @@ metrics! {
     counter reconciles_total,
     /// Job-event frames received.
     counter job_frames_total,
+    /// History batches fetched by catch-ups and polls.
+    counter history_batches_total,
+    /// History catch-ups and polls run.
+    counter history_catchups_total,
+    /// Windows of history that could not be replayed, only reconciled with a snapshot.
+    counter gaps_total,
+    /// Changes a snapshot found that no diff or history batch had published (anti-entropy).
+    counter snapshot_changes_total,
+    /// Live diffs held for an entity not known yet, waiting for a catch-up or snapshot.
+    gauge pending_diffs,
+    /// Held diffs dropped because the pending buffer was full (history brings them back).
+    counter pending_diffs_dropped_total,
+    /// Status transitions published from history that no live diff had shown.
+    counter status_from_history_total,
 }
 
 /// The process-wide metrics.

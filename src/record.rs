@@ -68,6 +68,8 @@ pub enum Origin {
     Diff,
     /// A job-event frame.
     Jobs,
+    /// A `history:page` batch (catch-up or periodic backfill).
+    History,
 }
 
 impl Origin {
@@ -77,6 +79,7 @@ impl Origin {
             Origin::Snapshot => "snapshot",
             Origin::Diff => "diff",
             Origin::Jobs => "jobs",
+            Origin::History => "history",
         }
     }
 }
@@ -168,6 +171,34 @@ pub enum Body {
         to: i64,
         /// The node after the change.
         after: Arc<Map<String, Value>>,
+        /// Who made the change, where the history batch says (`{username, email}`).
+        actor: Option<Value>,
+        /// The history batch that made the change, where known.
+        batch_id: Option<String>,
+        /// The batch an undo batch reverted, when this change is part of an undo.
+        undo_of: Option<String>,
+    },
+    /// One `history:page` batch as the API listed it: actor, time, ops with their patches.
+    HistoryBatch {
+        /// The scope it was read from (`USER:<uid>`, `GRAPH:<root>`); the message key, so one
+        /// scope's batches stay in order on one partition.
+        scope: String,
+        /// `batchId`, `actor`, `ts`, `undone`, `undoOf`, `ops` (normalised, see `normalize::history`).
+        batch: Map<String, Value>,
+    },
+    /// A window of history that could not be replayed, only reconciled with a snapshot.
+    Gap {
+        /// The scope whose history did not reach back.
+        scope: String,
+        /// The delivered position the replay had to start from (op id).
+        from_op_id: u64,
+        /// The oldest op id history still served, if any.
+        oldest_available_op_id: Option<u64>,
+        /// Why replay was impossible (`retention`, `history_unavailable`, ...).
+        reason: String,
+        /// Entities whose fate the snapshot could not tell (left the active graph, trash
+        /// listing unavailable): published as trashed, possibly purged since.
+        unresolved: Vec<String>,
     },
     /// Input that could not be parsed.
     DeadLetter {
@@ -216,6 +247,8 @@ impl Record {
                 format!("synaptask.{}.{}", kind.as_str(), change.as_str())
             }
             Body::StatusChanged { .. } => "synaptask.task.status_changed".to_string(),
+            Body::HistoryBatch { .. } => "synaptask.history.batch".to_string(),
+            Body::Gap { .. } => "synaptask.gap".to_string(),
             Body::DeadLetter { .. } => "synaptask.dead_letter".to_string(),
             Body::Job { frame, .. } => {
                 let t = frame
@@ -232,12 +265,23 @@ impl Record {
         match &self.body {
             Body::Entity { change, .. } => change.as_str().to_string(),
             Body::StatusChanged { .. } => "status_changed".to_string(),
+            Body::HistoryBatch { .. } => "batch".to_string(),
+            Body::Gap { .. } => "gap".to_string(),
             Body::DeadLetter { .. } => "dead_letter".to_string(),
             Body::Job { frame, .. } => frame
                 .get("type")
                 .and_then(Value::as_str)
                 .unwrap_or("unknown")
                 .to_string(),
+        }
+    }
+
+    /// The partition / compaction key: the entity id (the subject), except for history
+    /// records, which are keyed by scope so that a scope's batches keep their order.
+    pub fn key(&self) -> &str {
+        match &self.body {
+            Body::HistoryBatch { scope, .. } | Body::Gap { scope, .. } => scope,
+            _ => &self.subject,
         }
     }
 
@@ -273,11 +317,47 @@ impl serde::Serialize for Record {
                 m.serialize_entry("after", after)?;
                 m.serialize_entry("changed", changed)?;
             }
-            Body::StatusChanged { from, to, after } => {
+            Body::StatusChanged {
+                from,
+                to,
+                after,
+                actor,
+                batch_id,
+                undo_of,
+            } => {
                 m.serialize_entry("from", &json!({"code": from, "name": status_name(*from)}))?;
                 m.serialize_entry("to", &json!({"code": to, "name": status_name(*to)}))?;
                 m.serialize_entry("after", after)?;
                 m.serialize_entry("changed", &["status"])?;
+                if let Some(actor) = actor {
+                    m.serialize_entry("actor", actor)?;
+                }
+                if let Some(b) = batch_id {
+                    m.serialize_entry("batchId", b)?;
+                }
+                if let Some(u) = undo_of {
+                    m.serialize_entry("undoOf", u)?;
+                }
+            }
+            Body::HistoryBatch { scope, batch } => {
+                m.serialize_entry("scope", scope)?;
+                for (k, v) in batch {
+                    m.serialize_entry(k, v)?;
+                }
+            }
+            Body::Gap {
+                scope,
+                from_op_id,
+                oldest_available_op_id,
+                reason,
+                unresolved,
+            } => {
+                m.serialize_entry("scope", scope)?;
+                m.serialize_entry("fromOpId", from_op_id)?;
+                m.serialize_entry("oldestAvailableOpId", oldest_available_op_id)?;
+                m.serialize_entry("reason", reason)?;
+                m.serialize_entry("reconciledBy", "snapshot")?;
+                m.serialize_entry("unresolved", unresolved)?;
             }
             Body::DeadLetter { event, reason, raw } => {
                 use base64::Engine;
@@ -344,6 +424,9 @@ mod tests {
                 from: 1,
                 to: 3,
                 after: Map::new().into(),
+                actor: None,
+                batch_id: None,
+                undo_of: None,
             },
         };
         let v = r.to_json();

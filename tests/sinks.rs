@@ -88,6 +88,7 @@ fn route_name(route: Route) -> &'static str {
         Route::Status => "status",
         Route::DeadLetter => "dlq",
         Route::Jobs => "job",
+        Route::History => "history",
     }
 }
 
@@ -99,6 +100,7 @@ fn mixed_batch(count: usize) -> Vec<Arc<Message>> {
         (Route::Status, "status_changed"),
         (Route::DeadLetter, "dead_letter"),
         (Route::Jobs, "job_done"),
+        (Route::History, "batch"),
     ];
     let mut out: Vec<Arc<Message>> = (0..count)
         .map(|n| {
@@ -183,6 +185,7 @@ async fn consume_kafka(
         &topics.status,
         &topics.dlq,
         &topics.jobs,
+        &topics.history,
     ] {
         for partition in 0..3 {
             assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
@@ -256,13 +259,14 @@ async fn kafka_creates_topics_and_round_trips_every_field() -> anyhow::Result<()
         let sink = KafkaSink::new(&cfg)?;
         let ready = tokio::time::timeout(Duration::from_secs(30), sink.prepare()).await??;
         eprintln!("prepare: {ready}");
-        ensure!(ready.contains("5 topics ready"), "{ready}");
+        ensure!(ready.contains("6 topics ready"), "{ready}");
         for topic in [
             &cfg.topics.nodes,
             &cfg.topics.links,
             &cfg.topics.status,
             &cfg.topics.dlq,
             &cfg.topics.jobs,
+            &cfg.topics.history,
         ] {
             ensure!(
                 tansu.partition_count(topic).await == Some(3),
@@ -361,6 +365,7 @@ async fn check_cleanup_policies(tansu: &Tansu, topics: &KafkaTopics) -> anyhow::
         &topics.status,
         &topics.dlq,
         &topics.jobs,
+        &topics.history,
     ];
     let specs: Vec<ResourceSpecifier<'_>> = names
         .iter()
@@ -386,7 +391,7 @@ async fn check_cleanup_policies(tansu: &Tansu, topics: &KafkaTopics) -> anyhow::
             "{name}: {policies:?}"
         );
     }
-    for name in [&topics.status, &topics.dlq, &topics.jobs] {
+    for name in [&topics.status, &topics.dlq, &topics.jobs, &topics.history] {
         ensure!(
             policies[name.as_str()].as_deref() != Some("compact"),
             "{name}: {policies:?}"
@@ -632,6 +637,7 @@ async fn nats_jetstream_creates_the_stream_round_trips_and_dedupes() -> anyhow::
                 Route::Nodes => format!("synaptask.nodes.{}", m.event),
                 Route::Links => format!("synaptask.links.{}", m.event),
                 Route::Jobs => format!("synaptask.jobs.{}", m.event),
+                Route::History => format!("synaptask.history.{}", m.event),
                 Route::Status => "synaptask.status".into(),
                 Route::DeadLetter => "synaptask.dlq".into(),
             };

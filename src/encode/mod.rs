@@ -39,6 +39,7 @@ fn route_of(record: &Record) -> Route {
             ..
         } => Route::Links,
         Body::StatusChanged { .. } => Route::Status,
+        Body::HistoryBatch { .. } | Body::Gap { .. } => Route::History,
         Body::DeadLetter { .. } => Route::DeadLetter,
         Body::Job { .. } => Route::Jobs,
     }
@@ -66,7 +67,7 @@ pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Messa
             route: route_of(record),
             event: record.event_name(),
             id: record.id.clone(),
-            key: record.subject.clone(),
+            key: record.key().to_string(),
             payload: Some(encoder.encode(record)?),
             headers: headers(record, encoder.content_type()),
         }));

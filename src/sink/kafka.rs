@@ -151,6 +151,8 @@ pub struct KafkaTopics {
     pub dlq: String,
     /// Job-event records.
     pub jobs: String,
+    /// History batches (`synaptask.history.batch`) and gap notices (`synaptask.gap`), keyed by scope.
+    pub history: String,
 }
 
 impl Default for KafkaTopics {
@@ -161,6 +163,7 @@ impl Default for KafkaTopics {
             status: "synaptask.status".into(),
             dlq: "synaptask.dlq".into(),
             jobs: "synaptask.jobs".into(),
+            history: "synaptask.history".into(),
         }
     }
 }
@@ -174,6 +177,7 @@ impl KafkaTopics {
             Route::Status => &self.status,
             Route::DeadLetter => &self.dlq,
             Route::Jobs => &self.jobs,
+            Route::History => &self.history,
         }
     }
 
@@ -187,6 +191,7 @@ impl KafkaTopics {
             (&self.status, false),
             (&self.dlq, false),
             (&self.jobs, false),
+            (&self.history, false),
         ] {
             *out.entry(name.clone()).or_insert(false) |= compact;
         }

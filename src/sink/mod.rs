@@ -28,6 +28,8 @@ pub enum Route {
     DeadLetter,
     /// Job-event records from the job WebSocket API (`synaptask.jobs`).
     Jobs,
+    /// History batches and gap notices (`synaptask.history`).
+    History,
 }
 
 /// One message for a broker, already encoded.

@@ -116,6 +116,8 @@ pub struct NatsSubjects {
     pub dlq: String,
     /// Job-event records go to `<jobs>.<event>`.
     pub jobs: String,
+    /// History records go to `<history>.<event>` (`batch`, `gap`).
+    pub history: String,
 }
 
 impl Default for NatsSubjects {
@@ -126,6 +128,7 @@ impl Default for NatsSubjects {
             status: "synaptask.status".into(),
             dlq: "synaptask.dlq".into(),
             jobs: "synaptask.jobs".into(),
+            history: "synaptask.history".into(),
         }
     }
 }
@@ -138,6 +141,7 @@ impl NatsSubjects {
             Route::Nodes => with_event(&self.nodes),
             Route::Links => with_event(&self.links),
             Route::Jobs => with_event(&self.jobs),
+            Route::History => with_event(&self.history),
             Route::Status => self.status.clone(),
             Route::DeadLetter => self.dlq.clone(),
         }
@@ -150,6 +154,7 @@ impl NatsSubjects {
             format!("{}.>", self.nodes),
             format!("{}.>", self.links),
             format!("{}.>", self.jobs),
+            format!("{}.>", self.history),
             self.status.clone(),
             self.dlq.clone(),
         ];
@@ -820,6 +825,7 @@ mod tests {
                 "synaptask.nodes.>",
                 "synaptask.links.>",
                 "synaptask.jobs.>",
+                "synaptask.history.>",
                 "synaptask.status",
                 "synaptask.dlq"
             ]

@@ -22,6 +22,8 @@ pub enum SourceEvent {
         /// The `source` attribute for records from now on.
         source_uri: String,
     },
+    /// A snapshot begins: changes seen until [`SourceEvent::SnapshotDone`] count as seen by it.
+    SnapshotStart,
     /// A page of a snapshot (`graph:get`): full entities.
     SnapshotPage {
         /// Entities in page order.
@@ -43,11 +45,32 @@ pub enum SourceEvent {
     Diff {
         /// The payload as received.
         payload: Value,
-        /// It arrived before the last snapshot completed, so that snapshot already reflects
-        /// it: a partial change to an entity the snapshot did not list is stale, not a gap.
-        covered: bool,
         /// A trace started for it (pushed diffs carry no `trace_id`).
         trace: TraceContext,
+    },
+    /// History batches of one scope newer than its position, oldest first.
+    History {
+        /// `USER:<uid>` or `GRAPH:<root>`.
+        scope: String,
+        /// The batches as `history:page` listed them.
+        batches: Vec<Map<String, Value>>,
+        /// The trace of the page ack that brought the last of them.
+        trace: TraceContext,
+    },
+    /// A history catch-up of every scope finished (diffs held for unknown entities can be
+    /// tried again).
+    CatchUpDone,
+    /// History does not reach back to a scope's delivered position; a snapshot follows, and
+    /// the window is published as a gap record once it is done.
+    Gap {
+        /// The scope.
+        scope: String,
+        /// The delivered position.
+        from_op_id: u64,
+        /// The oldest op id history still listed.
+        oldest_available_op_id: Option<u64>,
+        /// Why (`retention`, `history_unavailable ...`, `too_far_behind`).
+        reason: String,
     },
     /// A job-event frame, parsed.
     Job {
@@ -72,8 +95,13 @@ pub enum SourceEvent {
 /// What the pipeline can ask of a source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
-    /// Take a fresh snapshot: changes were lost (a partial diff of an unknown entity, dropped diffs).
+    /// Take a fresh snapshot: history could not fill in what is missing.
     Reconcile {
+        /// Why, for the log.
+        reason: String,
+    },
+    /// Catch history up now: a change is missing (a partial diff of an unknown entity).
+    CatchUp {
         /// Why, for the log.
         reason: String,
     },

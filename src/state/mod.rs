@@ -1,5 +1,6 @@
 //! The delivered checkpoint: what the brokers have acknowledged, per entity, plus whether the
-//! first snapshot was fully delivered. Only the delivery window writes it; after a crash the
+//! first snapshot was fully delivered, the history position of each scope and the job-frame
+//! positions. Only the delivery window writes it; after a crash the
 //! connector starts from it and publishes exactly the differences (`CheckpointStore` seam).
 
 use std::collections::HashMap;
@@ -40,6 +41,9 @@ pub struct Checkpoint {
     pub snapshot_complete: bool,
     /// Job-event stream positions: client id -> frames delivered.
     pub jobs: HashMap<String, u64>,
+    /// History positions: scope (`USER:<uid>`, `GRAPH:<root>`) -> highest op id whose batch,
+    /// and every batch before it, was delivered.
+    pub history: HashMap<String, u64>,
 }
 
 /// One change to the checkpoint, applied once its record and all before it are acknowledged.
@@ -61,6 +65,13 @@ pub enum CheckpointOp {
     },
     /// Every record of a full snapshot was delivered.
     SnapshotComplete,
+    /// History batches of a scope delivered up to this op id.
+    HistoryCursor {
+        /// The scope, `USER:<uid>` or `GRAPH:<root id>`.
+        scope: String,
+        /// The highest op id of the delivered batch.
+        op_id: u64,
+    },
     /// Job frames of a client delivered up to this count.
     JobPosition {
         /// Job-API client id.
@@ -150,6 +161,10 @@ pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
         CheckpointOp::JobPosition { client_id, frames } => {
             let e = cp.jobs.entry(client_id.clone()).or_default();
             *e = (*e).max(*frames);
+        }
+        CheckpointOp::HistoryCursor { scope, op_id } => {
+            let e = cp.history.entry(scope.clone()).or_default();
+            *e = (*e).max(*op_id);
         }
     }
 }

@@ -8,6 +8,8 @@
 //!   the state it is about to replace.
 //! - `meta`: `format` → 1, `snapshot_complete` → 1 once set.
 //! - `jobs`: job-API client id → frames delivered.
+//! - `history`: history scope → highest delivered op id. Added without a format bump: a file
+//!   written before it simply has no history positions yet.
 
 use std::path::Path;
 
@@ -21,6 +23,7 @@ use super::{Checkpoint, CheckpointOp, CheckpointStore, EntityState, StateError};
 const ENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entities");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<&str, u64> = TableDefinition::new("jobs");
+const HISTORY: TableDefinition<&str, u64> = TableDefinition::new("history");
 
 const META_FORMAT: &str = "format";
 const META_SNAPSHOT_COMPLETE: &str = "snapshot_complete";
@@ -69,6 +72,7 @@ impl RedbStore {
         {
             txn.open_table(ENTITIES).map_err(io)?;
             txn.open_table(JOBS).map_err(io)?;
+            txn.open_table(HISTORY).map_err(io)?;
             let mut meta = txn.open_table(META).map_err(io)?;
             let format = meta.get(META_FORMAT).map_err(io)?.map(|g| g.value());
             match format {
@@ -118,6 +122,12 @@ impl CheckpointStore for RedbStore {
             let (client, frames) = row.map_err(io)?;
             cp.jobs.insert(client.value().to_owned(), frames.value());
         }
+
+        let history = txn.open_table(HISTORY).map_err(io)?;
+        for row in history.iter().map_err(io)? {
+            let (scope, op_id) = row.map_err(io)?;
+            cp.history.insert(scope.value().to_owned(), op_id.value());
+        }
         Ok(cp)
     }
 
@@ -132,8 +142,9 @@ impl CheckpointStore for RedbStore {
             let mut entities = txn.open_table(ENTITIES).map_err(io)?;
             let mut meta = txn.open_table(META).map_err(io)?;
             let mut jobs = txn.open_table(JOBS).map_err(io)?;
+            let mut history = txn.open_table(HISTORY).map_err(io)?;
             for op in ops {
-                apply_one(&mut entities, &mut meta, &mut jobs, op)?;
+                apply_one(&mut entities, &mut meta, &mut jobs, &mut history, op)?;
             }
         }
         txn.commit().map_err(io)?;
@@ -146,6 +157,7 @@ fn apply_one(
     entities: &mut Table<'_, &'static str, &'static [u8]>,
     meta: &mut Table<'_, &'static str, u64>,
     jobs: &mut Table<'_, &'static str, u64>,
+    history: &mut Table<'_, &'static str, u64>,
     op: &CheckpointOp,
 ) -> Result<(), StateError> {
     match op {
@@ -176,6 +188,12 @@ fn apply_one(
             let current = jobs.get(client_id.as_str()).map_err(io)?.map(|g| g.value());
             if current.is_none_or(|c| c < *frames) {
                 jobs.insert(client_id.as_str(), *frames).map_err(io)?;
+            }
+        }
+        CheckpointOp::HistoryCursor { scope, op_id } => {
+            let current = history.get(scope.as_str()).map_err(io)?.map(|g| g.value());
+            if current.is_none_or(|c| c < *op_id) {
+                history.insert(scope.as_str(), *op_id).map_err(io)?;
             }
         }
     }
@@ -260,6 +278,14 @@ mod tests {
                 client_id: "c1".into(),
                 frames: 7,
             },
+            CheckpointOp::HistoryCursor {
+                scope: "USER:u".into(),
+                op_id: 40,
+            },
+            CheckpointOp::HistoryCursor {
+                scope: "USER:u".into(),
+                op_id: 12,
+            },
             upsert("node:1", 3, "one again"),
         ]
     }
@@ -279,6 +305,10 @@ mod tests {
         assert!(!loaded.entities.contains_key("link:3"));
         assert!(loaded.snapshot_complete);
         assert_eq!(loaded.jobs["c1"], 7);
+        assert_eq!(
+            loaded.history["USER:u"], 40,
+            "a history position never goes back"
+        );
         Ok(())
     }
 

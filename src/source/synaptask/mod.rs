@@ -1,29 +1,58 @@
 //! The SynapTask Socket.IO source: keeps one authenticated session alive (reconnecting with
-//! exponential backoff and full jitter, never faster than the documented connect limits), takes
-//! a snapshot with paginated `graph:get` under a client-side read budget while it buffers the
-//! live `graph:diff` events, and then forwards the live stream. Any time changes may have been
-//! missed (a reconnect, dropped diffs, a request from the pipeline) it takes the snapshot again.
+//! exponential backoff and full jitter, never faster than the documented connect limits) and
+//! forwards the live `graph:diff` stream, while one read job at a time runs beside it:
+//!
+//! - a **history catch-up** (`history`) after any gap (a reconnect, dropped diffs, a restart, a
+//!   diff about an unknown entity) and every `history_interval_ms` while connected, from the
+//!   position of each scope: history is the way back, and it carries the status transitions a
+//!   snapshot cannot show;
+//! - a **snapshot** (`snapshot`) only where history cannot help: the first start, a scope whose
+//!   history no longer reaches back (the pipeline then publishes a gap record), or the periodic
+//!   anti-entropy pass;
+//! - all under one read budget per event name (`reads`).
+//!
+//! Because diffs keep flowing while a job pages, a snapshot or catch-up under load never fills
+//! the diff buffer by itself; if the pipeline is slower than the input and diffs are dropped,
+//! what follows is a catch-up, not another snapshot.
 
+pub mod history;
+pub mod reads;
 pub mod session;
+pub mod snapshot;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use rand::Rng;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::session::{CallError, Inbound, Refusal, Session};
+use self::history::{CatchUpEnd, Scope, ScopeState};
+use self::reads::{ReadError, Reader};
+use self::session::{Inbound, Refusal, Session};
+use self::snapshot::SnapshotEnd;
 use super::{Control, Source, SourceError, SourceEvent};
 use crate::metrics::{inc, metrics};
 use crate::ratelimit::SlidingWindow;
-use crate::record::{EntityKind, TraceContext};
+use crate::record::TraceContext;
 use crate::secret::Secret;
+
+/// Where a scope without a delivered position starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryStart {
+    /// At the head of history when the connector first sees the scope; the first snapshot
+    /// stands for everything before.
+    #[default]
+    Latest,
+    /// At the oldest batch history still serves: every retained batch is published.
+    Earliest,
+}
 
 /// `[source]`: where the SynapTask API is and how to treat it.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,7 +71,7 @@ pub struct SynapTaskConfig {
     /// Objects each page re-reads from the previous one, so that pages shifting under
     /// concurrent deletes (DECISIONS #6) skip nothing; repeats are merged away by version.
     pub page_overlap: u32,
-    /// Reads allowed per window, all read events together (documented: 5 per 10 s).
+    /// Reads allowed per window and per read event name (documented: 5 per 10 s per event).
     pub read_budget: usize,
     /// The read window in milliseconds.
     pub read_window_ms: u64,
@@ -60,10 +89,31 @@ pub struct SynapTaskConfig {
     pub heartbeat_ms: u64,
     /// Silence after which a session counts as dead, in milliseconds.
     pub heartbeat_timeout_ms: u64,
-    /// Live diffs held while the pipeline is busy; beyond it they are dropped and a snapshot reconciles.
+    /// Live diffs held while the pipeline is busy; beyond it they are dropped and a history
+    /// catch-up recovers them.
     pub diff_buffer: usize,
     /// List the trash after a snapshot, to tell trashed from deleted entities that disappeared.
     pub trash_listing: bool,
+    /// Replay and poll `history:page` (off: every gap is reconciled with a snapshot).
+    pub history: bool,
+    /// Follow the caller's own history (`USER` scope, the uid from the `connected` event).
+    pub history_user_scope: bool,
+    /// Branch roots whose history (`GRAPH` scope) is followed too, e.g. shared branches.
+    pub history_roots: Vec<String>,
+    /// Where a scope with no delivered position starts: `latest` or `earliest`.
+    pub history_start: HistoryStart,
+    /// Poll `history:page` this often while connected, in milliseconds (0 = only after gaps),
+    /// so a change whose `graph:diff` never arrived is still published.
+    pub history_interval_ms: u64,
+    /// Batches asked for by the first page of a periodic poll (1..=1000).
+    pub history_poll_limit: u32,
+    /// Batches per `history:page` page while catching up (1..=1000).
+    pub history_page_limit: u32,
+    /// A catch-up that would hold more batches than this is given up for a snapshot.
+    pub history_max_batches: usize,
+    /// Every this many seconds, a low-priority snapshot compares the whole graph with what was
+    /// published and publishes only the differences (0 = off).
+    pub reconcile_interval_secs: u64,
 }
 
 impl Default for SynapTaskConfig {
@@ -86,6 +136,15 @@ impl Default for SynapTaskConfig {
             heartbeat_timeout_ms: 45_000,
             diff_buffer: 10_000,
             trash_listing: true,
+            history: true,
+            history_user_scope: true,
+            history_roots: Vec::new(),
+            history_start: HistoryStart::Latest,
+            history_interval_ms: 10_000,
+            history_poll_limit: 100,
+            history_page_limit: 1000,
+            history_max_batches: 200_000,
+            reconcile_interval_secs: 900,
         }
     }
 }
@@ -98,6 +157,14 @@ impl SynapTaskConfig {
         }
         if self.page_overlap >= self.page_limit {
             return Err("source.page_overlap must be smaller than source.page_limit".into());
+        }
+        for (key, v) in [
+            ("history_poll_limit", self.history_poll_limit),
+            ("history_page_limit", self.history_page_limit),
+        ] {
+            if !(1..=1000).contains(&v) {
+                return Err(format!("source.{key} must be between 1 and 1000"));
+            }
         }
         if self.read_budget == 0 || self.connects_per_minute == 0 {
             return Err(
@@ -187,12 +254,16 @@ pub async fn establish(
     }
 }
 
-/// The source: config plus the token.
+/// The source: config, token, and what it keeps across sessions.
 pub struct SynapTaskSource {
-    cfg: SynapTaskConfig,
+    cfg: Arc<SynapTaskConfig>,
     token: Secret,
-    /// When the last snapshot finished paging (diffs that arrived earlier are covered by it).
-    last_snapshot_done: std::sync::Mutex<Option<std::time::Instant>>,
+    /// History positions by scope key: the delivered ones at start, then as fetched.
+    states: Arc<Mutex<HashMap<String, ScopeState>>>,
+    /// Whether a complete snapshot is behind the working view (checkpoint or this run).
+    snapshot_done: bool,
+    /// The server answered that it has no `history:page`: every gap needs a snapshot.
+    history_off: bool,
 }
 
 /// Why serving a session stopped.
@@ -201,16 +272,82 @@ enum Stop {
     Lost(String),
 }
 
+/// The read job a session runs beside the live stream, one at a time.
+enum Job {
+    Snapshot(String),
+    CatchUp { poll: bool },
+}
+
+/// What a finished job says.
+enum JobDone {
+    Snapshot(SnapshotEnd),
+    History(CatchUpEnd),
+}
+
+/// What a session still has to do, highest priority first in [`Wants::next`].
+#[derive(Default)]
+struct Wants {
+    snapshot: Option<String>,
+    catch_up: bool,
+    poll: bool,
+    anti_entropy: bool,
+}
+
+impl Wants {
+    /// Repair before catch-up before the periodic poll before anti-entropy. Scopes without a
+    /// position are positioned (a catch-up) before a first snapshot, so that nothing between
+    /// the two is missed.
+    fn next(&mut self, unpositioned: bool) -> Option<Job> {
+        if unpositioned {
+            self.catch_up = false;
+            self.poll = false;
+            return Some(Job::CatchUp { poll: false });
+        }
+        if let Some(why) = self.snapshot.take() {
+            self.anti_entropy = false;
+            return Some(Job::Snapshot(why));
+        }
+        if self.catch_up {
+            self.catch_up = false;
+            self.poll = false;
+            return Some(Job::CatchUp { poll: false });
+        }
+        if self.poll {
+            self.poll = false;
+            return Some(Job::CatchUp { poll: true });
+        }
+        if self.anti_entropy {
+            self.anti_entropy = false;
+            return Some(Job::Snapshot("periodic anti-entropy".into()));
+        }
+        None
+    }
+}
+
 impl SynapTaskSource {
     /// A source for this config; fails when no token is configured.
     pub fn new(cfg: SynapTaskConfig) -> Result<Self, SourceError> {
         cfg.validate().map_err(SourceError::Config)?;
         let token = cfg.token()?;
         Ok(Self {
-            cfg,
+            cfg: Arc::new(cfg),
             token,
-            last_snapshot_done: std::sync::Mutex::new(None),
+            states: Arc::default(),
+            snapshot_done: false,
+            history_off: false,
         })
+    }
+
+    /// Starts from the delivered checkpoint: its history positions and whether a complete
+    /// snapshot was delivered (then a restart replays history instead of taking a snapshot).
+    pub fn resume_from(mut self, history: &HashMap<String, u64>, snapshot_complete: bool) -> Self {
+        self.snapshot_done = snapshot_complete;
+        let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        for (scope, op_id) in history {
+            states.entry(scope.clone()).or_default().cursor = Some(*op_id);
+        }
+        drop(states);
+        self
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -223,18 +360,56 @@ impl SynapTaskSource {
         Duration::from_millis(rand::thread_rng().gen_range(0..=cap))
     }
 
+    fn history_on(&self) -> bool {
+        self.cfg.history && !self.history_off
+    }
+
+    /// The history scopes of a session of `uid`.
+    fn scopes(&self, uid: &str) -> Vec<Scope> {
+        let mut out = Vec::new();
+        if self.cfg.history_user_scope && !uid.is_empty() {
+            out.push(Scope {
+                kind: "USER",
+                id: uid.to_string(),
+            });
+        }
+        out.extend(self.cfg.history_roots.iter().map(|r| Scope {
+            kind: "GRAPH",
+            id: r.clone(),
+        }));
+        out
+    }
+
+    fn unpositioned(&self, scopes: &[Scope]) -> bool {
+        if !self.history_on() {
+            return false;
+        }
+        let states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+        scopes
+            .iter()
+            .any(|s| states.get(&s.key()).is_none_or(|st| st.cursor.is_none()))
+    }
+
     async fn run_loop(
-        self,
+        mut self,
         out: mpsc::Sender<SourceEvent>,
         mut control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
+        if self.cfg.history_start == HistoryStart::Earliest {
+            // A scope never seen starts at op 0: everything retained is replayed.
+            let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
+            for s in self.scopes("") {
+                states.entry(s.key()).or_default().cursor.get_or_insert(0);
+            }
+        }
         let mut connects: SlidingWindow<()> =
             SlidingWindow::new(self.cfg.connects_per_minute, Duration::from_secs(60));
-        let mut reads: SlidingWindow<()> = SlidingWindow::new(
+        // Outlives sessions: the server's read windows do not restart when we reconnect.
+        let budget = Arc::new(Mutex::new(SlidingWindow::new(
             self.cfg.read_budget,
             Duration::from_millis(self.cfg.read_window_ms),
-        );
+        )));
         let mut failures: u32 = 0;
         loop {
             // Backoff with full jitter, then the connect budget: the budget alone caps attempts
@@ -279,8 +454,15 @@ impl SynapTaskSource {
                 return Err(SourceError::PipelineClosed);
             }
             let started = tokio::time::Instant::now();
+            let reader = Reader::new(
+                session.caller(),
+                budget.clone(),
+                self.cfg.clone(),
+                out.clone(),
+                shutdown.clone(),
+            );
             let stop = self
-                .serve(&mut session, &out, &mut control, &mut reads, &shutdown)
+                .serve(&mut session, &uid, &reader, &out, &mut control, &shutdown)
                 .await?;
             session.close().await;
             match stop {
@@ -292,24 +474,103 @@ impl SynapTaskSource {
                     } else {
                         failures + 1
                     };
-                    tracing::warn!(%reason, "session lost; will reconnect and reconcile");
+                    tracing::warn!(%reason, "session lost; will reconnect and catch up");
                 }
             }
         }
     }
 
-    /// Snapshot, then the live stream, until the session is lost or shutdown.
-    async fn serve(
+    fn start(
         &self,
+        job: Job,
+        reader: &Reader,
+        scopes: &[Scope],
+    ) -> BoxFuture<'static, Result<JobDone, SourceError>> {
+        let r = reader.clone();
+        match job {
+            Job::Snapshot(why) => {
+                tracing::info!(reason = %why, "snapshot started");
+                async move { Ok(JobDone::Snapshot(snapshot::run(&r).await?)) }.boxed()
+            }
+            Job::CatchUp { poll } => {
+                let first = if poll {
+                    self.cfg.history_poll_limit
+                } else {
+                    self.cfg.history_page_limit
+                };
+                let scopes = scopes.to_vec();
+                let shared = self.states.clone();
+                async move {
+                    // Worked on a copy: a job dropped with its session leaves the positions it
+                    // had not finished with, and the next catch-up fetches those batches again.
+                    let mut states = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let end = history::run(&r, &scopes, &mut states, first).await?;
+                    if matches!(end, CatchUpEnd::Done(_)) {
+                        *shared.lock().unwrap_or_else(|e| e.into_inner()) = states;
+                    }
+                    Ok(JobDone::History(end))
+                }
+                .boxed()
+            }
+        }
+    }
+
+    /// Forwards one thing the session's callbacks saw; `Some(stop)` when the session ended.
+    async fn forward(
+        &self,
+        m: Option<Inbound>,
+        out: &mpsc::Sender<SourceEvent>,
+    ) -> Result<Option<Stop>, SourceError> {
+        let ev = match m {
+            None => return Ok(Some(Stop::Lost("session channels closed".into()))),
+            Some(Inbound::Closed(reason)) => return Ok(Some(Stop::Lost(reason))),
+            Some(Inbound::Diff(payload, _)) => {
+                inc(&metrics().source_events_total);
+                SourceEvent::Diff {
+                    payload,
+                    trace: TraceContext::new_root(),
+                }
+            }
+            Some(Inbound::BadDiff { raw, reason }) => SourceEvent::Malformed {
+                event: "graph:diff".into(),
+                raw,
+                reason,
+            },
+            Some(Inbound::RateLimitedEvent) => {
+                inc(&metrics().reads_rate_limited_total);
+                return Ok(None);
+            }
+            Some(_) => return Ok(None),
+        };
+        out.send(ev)
+            .await
+            .map_err(|_| SourceError::PipelineClosed)?;
+        Ok(None)
+    }
+
+    /// The live stream with one read job at a time beside it, until the session is lost or
+    /// shutdown.
+    async fn serve(
+        &mut self,
         session: &mut Session,
+        uid: &str,
+        reader: &Reader,
         out: &mpsc::Sender<SourceEvent>,
         control: &mut mpsc::Receiver<Control>,
-        reads: &mut SlidingWindow<()>,
         shutdown: &CancellationToken,
     ) -> Result<Stop, SourceError> {
-        // Every session starts with a snapshot: diffs sent while we were away are gone.
-        if let Some(stop) = self.snapshot(session, out, reads, shutdown).await? {
-            return Ok(stop);
+        let scopes = self.scopes(uid);
+        let mut wants = Wants::default();
+        // Diffs sent while we were away are gone: history brings them back where it can, a
+        // snapshot where it cannot.
+        if self.history_on() && self.snapshot_done {
+            wants.catch_up = true;
+        } else {
+            wants.snapshot = Some(if self.snapshot_done {
+                "new session (history off)".into()
+            } else {
+                "first snapshot".into()
+            });
         }
         let hb = if self.cfg.heartbeat_ms == 0 {
             Duration::from_secs(3600)
@@ -319,21 +580,104 @@ impl SynapTaskSource {
         let mut heartbeat = tokio::time::interval(hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_alive = tokio::time::Instant::now();
+        // A server that never answers `ws:ping` (it is only in a changelog) is not dead for
+        // that: without a first pong, liveness is left to Engine.IO's own ping and to the acks
+        // of the periodic history poll.
+        let mut pong_seen = false;
+        let poll_every = Duration::from_millis(self.cfg.history_interval_ms.max(1));
+        let mut poll =
+            tokio::time::interval_at(tokio::time::Instant::now() + poll_every, poll_every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ae_every = Duration::from_secs(self.cfg.reconcile_interval_secs.max(1));
+        let mut anti_entropy =
+            tokio::time::interval_at(tokio::time::Instant::now() + ae_every, ae_every);
+        anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut job: Option<BoxFuture<'static, Result<JobDone, SourceError>>> = None;
         loop {
+            if job.is_none() {
+                let unpositioned = self.unpositioned(&scopes);
+                if let Some(next) = wants.next(unpositioned) {
+                    job = Some(self.start(next, reader, &scopes));
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Stop::Shutdown),
-                c = control.recv() => {
-                    if let Some(Control::Reconcile { reason }) = c {
-                        tracing::info!(%reason, "reconcile requested");
-                        inc(&metrics().reconciles_total);
-                        if let Some(stop) = self.snapshot(session, out, reads, shutdown).await? {
-                            return Ok(stop);
+                done = async { match job.as_mut() { Some(j) => j.await, None => std::future::pending().await } }, if job.is_some() => {
+                    job = None;
+                    match done? {
+                        JobDone::Snapshot(SnapshotEnd::Done(ev)) => {
+                            // Diffs that arrived before the last ack go first: the pipeline
+                            // judges disappearances with them applied.
+                            while let Some(m) = session.try_next_diff() {
+                                if let Some(stop) = self.forward(Some(m), out).await? {
+                                    return Ok(stop);
+                                }
+                            }
+                            out.send(ev).await.map_err(|_| SourceError::PipelineClosed)?;
+                            self.snapshot_done = true;
+                            if self.history_on() {
+                                // Covers what changed while the snapshot was read.
+                                wants.catch_up = true;
+                            }
+                        }
+                        JobDone::Snapshot(SnapshotEnd::Failed(e)) | JobDone::History(CatchUpEnd::Failed(e)) => match e {
+                            ReadError::Shutdown => return Ok(Stop::Shutdown),
+                            ReadError::Lost(reason) => return Ok(Stop::Lost(reason)),
+                            ReadError::NotImplemented(code) => {
+                                tracing::warn!(%code, "history:page is not available; gaps will be reconciled with snapshots");
+                                self.history_off = true;
+                                if !self.snapshot_done {
+                                    wants.snapshot = Some("first snapshot".into());
+                                }
+                            }
+                        },
+                        JobDone::History(CatchUpEnd::Done(gaps)) => {
+                            if !gaps.is_empty() {
+                                if gaps.iter().any(|g| g.reason.starts_with("history_unavailable")) {
+                                    self.history_off = true;
+                                }
+                                for g in gaps {
+                                    inc(&metrics().gaps_total);
+                                    let ev = SourceEvent::Gap {
+                                        scope: g.scope,
+                                        from_op_id: g.from_op_id,
+                                        oldest_available_op_id: g.oldest_available_op_id,
+                                        reason: g.reason,
+                                    };
+                                    out.send(ev).await.map_err(|_| SourceError::PipelineClosed)?;
+                                }
+                                wants.snapshot = Some("history does not reach back".into());
+                            } else if !self.snapshot_done {
+                                wants.snapshot = Some("first snapshot".into());
+                            }
                         }
                     }
                 }
+                c = control.recv() => match c {
+                    Some(Control::Reconcile { reason }) => {
+                        tracing::info!(%reason, "reconcile requested");
+                        inc(&metrics().reconciles_total);
+                        wants.snapshot = Some(reason);
+                    }
+                    Some(Control::CatchUp { reason }) => {
+                        tracing::debug!(%reason, "catch-up requested");
+                        if self.history_on() {
+                            wants.catch_up = true;
+                        } else {
+                            inc(&metrics().reconciles_total);
+                            wants.snapshot = Some(reason);
+                        }
+                    }
+                    None => {}
+                },
+                _ = poll.tick(), if self.history_on() && self.cfg.history_interval_ms > 0 => wants.poll = true,
+                _ = anti_entropy.tick(), if self.cfg.reconcile_interval_secs > 0 => wants.anti_entropy = true,
                 _ = heartbeat.tick(), if self.cfg.heartbeat_ms > 0 => {
-                    if last_alive.elapsed() > Duration::from_millis(self.cfg.heartbeat_timeout_ms) {
+                    if pong_seen && last_alive.elapsed() > Duration::from_millis(self.cfg.heartbeat_timeout_ms) {
                         return Ok(Stop::Lost("no sign of life within the heartbeat timeout".into()));
+                    }
+                    if !pong_seen && last_alive.elapsed() > Duration::from_millis(self.cfg.heartbeat_timeout_ms) {
+                        tracing::debug!("no ws:pong yet; relying on Engine.IO's heartbeat");
                     }
                     if let Err(e) = session.ping().await {
                         return Ok(Stop::Lost(e.to_string()));
@@ -341,276 +685,25 @@ impl SynapTaskSource {
                 }
                 m = session.next() => {
                     last_alive = tokio::time::Instant::now();
-                    match m {
-                        None => return Ok(Stop::Lost("session channels closed".into())),
-                        Some(Inbound::Closed(reason)) => return Ok(Stop::Lost(reason)),
-                        Some(Inbound::Diff(payload, received)) => {
-                            inc(&metrics().source_events_total);
-                            let done = *self.last_snapshot_done.lock().unwrap_or_else(|e| e.into_inner());
-                            let covered = done.is_some_and(|done| received < done);
-                            let ev = SourceEvent::Diff { payload, covered, trace: TraceContext::new_root() };
-                            if out.send(ev).await.is_err() {
-                                return Err(SourceError::PipelineClosed);
-                            }
-                        }
-                        Some(Inbound::BadDiff { raw, reason }) => {
-                            let ev = SourceEvent::Malformed { event: "graph:diff".into(), raw, reason };
-                            if out.send(ev).await.is_err() {
-                                return Err(SourceError::PipelineClosed);
-                            }
-                        }
-                        Some(Inbound::RateLimitedEvent) => inc(&metrics().reads_rate_limited_total),
-                        Some(_) => {}
+                    if matches!(m, Some(Inbound::Pong)) {
+                        pong_seen = true;
+                    }
+                    if let Some(stop) = self.forward(m, out).await? {
+                        return Ok(stop);
                     }
                     let dropped = session.take_dropped();
                     if dropped > 0 {
-                        tracing::warn!(dropped, "live diffs were dropped while the pipeline was full; reconciling");
-                        inc(&metrics().reconciles_total);
-                        if let Some(stop) = self.snapshot(session, out, reads, shutdown).await? {
-                            return Ok(stop);
+                        tracing::warn!(dropped, "live diffs were dropped while the pipeline was full; catching up");
+                        if self.history_on() {
+                            wants.catch_up = true;
+                        } else {
+                            inc(&metrics().reconciles_total);
+                            wants.snapshot = Some("live diffs were dropped".into());
                         }
                     }
                 }
             }
         }
-    }
-
-    /// One read under the budget: waits for room, retries `rate_limited` (never fails on it),
-    /// retries timeouts and error acks a few times. `Ok(None)` means shutdown, `Err(reason)`
-    /// that the session should be considered lost.
-    async fn read(
-        &self,
-        session: &Session,
-        reads: &mut SlidingWindow<()>,
-        event: &str,
-        data: Value,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Value>, String> {
-        let mut attempts = 0u32;
-        loop {
-            loop {
-                let wait = reads.wait_time(&());
-                if wait.is_zero() {
-                    break;
-                }
-                // A little slack over the window, so our clock and the server's never disagree.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(wait + Duration::from_millis(150)) => {}
-                }
-            }
-            reads.try_hit(&());
-            inc(&metrics().reads_total);
-            let reply = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
-                r = session.call(event, data.clone()) => r,
-            };
-            match reply {
-                Ok(ack) if ack.get("ok").and_then(Value::as_bool) == Some(true) => {
-                    return Ok(Some(ack))
-                }
-                Ok(ack) => {
-                    let code = ack
-                        .get("error")
-                        .and_then(Value::as_str)
-                        .unwrap_or("unknown")
-                        .to_string();
-                    if code == "rate_limited" || code.ends_with(".rate_limited") {
-                        inc(&metrics().reads_rate_limited_total);
-                        tracing::info!(event, "read rate-limited by the server; waiting a window");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(None),
-                            _ = tokio::time::sleep(Duration::from_millis(self.cfg.read_window_ms)) => {}
-                        }
-                        continue;
-                    }
-                    attempts += 1;
-                    let trace_id = ack
-                        .get("trace_id")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    tracing::warn!(event, %code, trace_id, "read failed");
-                    if attempts >= 3 {
-                        return Err(format!("{event} keeps failing: {code}"));
-                    }
-                    tokio::time::sleep(self.backoff(attempts)).await;
-                }
-                Err(CallError::Timeout(_)) => {
-                    attempts += 1;
-                    tracing::warn!(event, attempts, "read got no ack in time");
-                    if attempts >= 3 {
-                        return Err(format!("{event}: no ack after {attempts} attempts"));
-                    }
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    /// Pages the whole graph, then the trash, and sends them on. Diffs arriving meanwhile stay
-    /// in the session's buffer and are forwarded after `SnapshotDone`.
-    async fn snapshot(
-        &self,
-        session: &mut Session,
-        out: &mpsc::Sender<SourceEvent>,
-        reads: &mut SlidingWindow<()>,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Stop>, SourceError> {
-        let started = std::time::Instant::now();
-        let limit = self.cfg.page_limit;
-        let step = u64::from(limit - self.cfg.page_overlap);
-        let mut offset: u64 = 0;
-        let mut seen = HashSet::new();
-        let mut trace;
-        let mut pages = 0u32;
-        loop {
-            let ack = match self
-                .read(
-                    session,
-                    reads,
-                    "graph:get",
-                    json!({"limit": limit, "offset": offset}),
-                    shutdown,
-                )
-                .await
-            {
-                Ok(Some(ack)) => ack,
-                Ok(None) => return Ok(Some(Stop::Shutdown)),
-                Err(reason) => return Ok(Some(Stop::Lost(reason))),
-            };
-            pages += 1;
-            trace = ack
-                .get("trace_id")
-                .and_then(Value::as_str)
-                .map_or_else(TraceContext::new_root, TraceContext::from_source);
-            let items = self.page_items(&ack, out).await?;
-            seen.extend(
-                items
-                    .iter()
-                    .filter_map(|(k, m)| m.get("id").and_then(Value::as_str).map(|id| k.key(id))),
-            );
-            inc(&metrics().source_events_total);
-            if out
-                .send(SourceEvent::SnapshotPage {
-                    items,
-                    trace: trace.clone(),
-                })
-                .await
-                .is_err()
-            {
-                return Err(SourceError::PipelineClosed);
-            }
-            if ack.get("hasMore").and_then(Value::as_bool) != Some(true) {
-                break;
-            }
-            offset += step;
-        }
-        let trash = if self.cfg.trash_listing {
-            match self.trash(session, reads, out, shutdown).await? {
-                Ok(t) => t,
-                Err(stop) => return Ok(Some(stop)),
-            }
-        } else {
-            None
-        };
-        inc(&metrics().snapshots_total);
-        tracing::info!(
-            pages,
-            entities = seen.len(),
-            trashed = trash.as_ref().map_or(0, HashMap::len),
-            secs = started.elapsed().as_secs_f64(),
-            "snapshot complete"
-        );
-        if out
-            .send(SourceEvent::SnapshotDone { seen, trash, trace })
-            .await
-            .is_err()
-        {
-            return Err(SourceError::PipelineClosed);
-        }
-        Ok(None)
-    }
-
-    /// `trash:page` until done; a server without the event gives an empty listing.
-    async fn trash(
-        &self,
-        session: &Session,
-        reads: &mut SlidingWindow<()>,
-        out: &mpsc::Sender<SourceEvent>,
-        shutdown: &CancellationToken,
-    ) -> Result<Result<Option<HashMap<String, Map<String, Value>>>, Stop>, SourceError> {
-        let mut trash = HashMap::new();
-        let mut offset = 0u64;
-        loop {
-            let ack = match self
-                .read(
-                    session,
-                    reads,
-                    "trash:page",
-                    json!({"limit": 1000, "offset": offset}),
-                    shutdown,
-                )
-                .await
-            {
-                Ok(Some(ack)) => ack,
-                Ok(None) => return Ok(Err(Stop::Shutdown)),
-                Err(reason) => {
-                    tracing::warn!(%reason, "trash listing unavailable; entities missing from the snapshot count as deleted");
-                    return Ok(Ok(None));
-                }
-            };
-            for (kind, m) in self.page_items(&ack, out).await? {
-                if let Some(id) = m.get("id").and_then(Value::as_str) {
-                    trash.insert(kind.key(id), m);
-                }
-            }
-            if ack.get("hasMore").and_then(Value::as_bool) != Some(true) {
-                return Ok(Ok(Some(trash)));
-            }
-            offset += 1000;
-        }
-    }
-
-    /// The objects of a page ack; anything that is not an object with a string id is reported
-    /// as malformed and left out.
-    async fn page_items(
-        &self,
-        ack: &Value,
-        out: &mpsc::Sender<SourceEvent>,
-    ) -> Result<Vec<(EntityKind, Map<String, Value>)>, SourceError> {
-        let mut items = Vec::new();
-        for (field, kind) in [("nodes", EntityKind::Node), ("links", EntityKind::Link)] {
-            let Some(list) = ack.get(field) else { continue };
-            let Some(list) = list.as_array() else {
-                let ev = SourceEvent::Malformed {
-                    event: "graph:get".into(),
-                    raw: list.to_string().into_bytes(),
-                    reason: format!("{field} is not an array"),
-                };
-                out.send(ev)
-                    .await
-                    .map_err(|_| SourceError::PipelineClosed)?;
-                continue;
-            };
-            for item in list {
-                match item.as_object() {
-                    Some(m) if m.get("id").is_some_and(Value::is_string) => {
-                        items.push((kind, m.clone()))
-                    }
-                    _ => {
-                        let ev = SourceEvent::Malformed {
-                            event: "graph:get".into(),
-                            raw: item.to_string().into_bytes(),
-                            reason: format!("{field} entry without a string id"),
-                        };
-                        out.send(ev)
-                            .await
-                            .map_err(|_| SourceError::PipelineClosed)?;
-                    }
-                }
-            }
-        }
-        Ok(items)
     }
 }
 
@@ -656,9 +749,11 @@ mod tests {
             ..Default::default()
         };
         let s = SynapTaskSource {
-            cfg,
+            cfg: Arc::new(cfg),
             token: Secret::new("x"),
-            last_snapshot_done: std::sync::Mutex::new(None),
+            states: Arc::default(),
+            snapshot_done: false,
+            history_off: false,
         };
         for f in 1..30 {
             assert!(s.backoff(f) <= Duration::from_millis(1000));

@@ -65,6 +65,14 @@ pub enum CallError {
     },
 }
 
+/// The acked-call half of a session, cloneable so that a read job can run beside the loop that
+/// takes the pushed events. Calls must still be made one at a time (random ack ids, above).
+#[derive(Clone)]
+pub struct Caller {
+    client: Client,
+    ack_timeout: Duration,
+}
+
 /// An open session: the client plus the channels its callbacks feed.
 pub struct Session {
     client: Client,
@@ -245,6 +253,20 @@ impl Session {
         }
     }
 
+    /// A diff already received, without waiting: lets the source forward every diff that
+    /// arrived before a read's ack ahead of the read's outcome.
+    pub fn try_next_diff(&mut self) -> Option<Inbound> {
+        self.diffs.try_recv().ok()
+    }
+
+    /// A handle for acked calls, usable while [`Session::next`] is awaited elsewhere.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            client: self.client.clone(),
+            ack_timeout: self.ack_timeout,
+        }
+    }
+
     /// How many diffs were dropped since the last call (and resets the count).
     pub fn take_dropped(&self) -> u64 {
         self.dropped.swap(0, Ordering::Relaxed)
@@ -261,6 +283,18 @@ impl Session {
             })
     }
 
+    /// One acked call, with its own timeout; the reply unwrapped.
+    pub async fn call(&self, event: &str, data: Value) -> Result<Value, CallError> {
+        self.caller().call(event, data).await
+    }
+
+    /// Closes the session (best effort).
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.disconnect()).await;
+    }
+}
+
+impl Caller {
     /// One acked call, with its own timeout; the reply unwrapped.
     pub async fn call(&self, event: &str, data: Value) -> Result<Value, CallError> {
         let (tx, rx) = oneshot::channel::<Payload>();
@@ -290,11 +324,6 @@ impl Session {
                 Err(CallError::Timeout(event.into()))
             }
         }
-    }
-
-    /// Closes the session (best effort).
-    pub async fn close(self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.disconnect()).await;
     }
 }
 

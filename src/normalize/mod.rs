@@ -7,6 +7,8 @@
 //! up: an entry whose version is not newer than the view's is stale and produces nothing, which
 //! is how snapshot pages and buffered diffs merge without ever going back.
 
+pub mod history;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -317,6 +319,9 @@ pub fn apply_entity(
                 from,
                 to,
                 after: after.clone(),
+                actor: None,
+                batch_id: None,
+                undo_of: None,
             },
         });
     }
@@ -392,23 +397,37 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// What a snapshot's disappearances came to.
+#[derive(Debug, Default)]
+pub struct Disappearances {
+    /// Records to publish: trashes and purges.
+    pub groups: Vec<Group>,
+    /// Keys that left the active graph with no trash listing to tell a trash from a purge:
+    /// published as trashed (a purge needs a trash first, facts §7), named in the gap record.
+    pub unresolved: Vec<String>,
+}
+
 /// After a full snapshot: the trash listing and the disappearances. Every entity `trash` lists
 /// (by key) ends trashed in the view, whether it was known or not (`graph:get` never lists
-/// trashed items, so this is the only way to learn of them). A known entity neither listed by
-/// the snapshot nor in trash was purged while nobody watched and becomes a `deleted` record
-/// (version one past the known one). Without a listing (`trash` is `None`) only active
-/// entities can be judged, and a missing one counts as deleted.
+/// trashed items, so this is the only way to learn of them), unless the view already holds a
+/// newer version (a restore that arrived while the listing was read). A known entity neither
+/// listed by the snapshot nor in trash was purged while nobody watched and becomes a `deleted`
+/// record (version one past the known one). Without a listing (`trash` is `None`) a purge
+/// cannot be told from a trash, and no delete is published that is not known: an active entity
+/// that disappeared is published as trashed, since that much is certain, and reported as
+/// unresolved. `seen` must hold every key a snapshot page listed and every key a live change
+/// touched while the snapshot was read.
 pub fn missing_after_snapshot(
     view: &mut View,
     ctx: &Ctx,
     seen: &HashSet<String>,
     trash: Option<&HashMap<String, Map<String, Value>>>,
     trace: &TraceContext,
-) -> Vec<Group> {
+) -> Disappearances {
     let empty = HashMap::new();
     let listing = trash.is_some();
     let trash = trash.unwrap_or(&empty);
-    let mut out = Vec::new();
+    let mut out = Disappearances::default();
     let mut trashed: Vec<&String> = trash.keys().filter(|k| !seen.contains(*k)).collect();
     trashed.sort();
     for key in trashed {
@@ -418,15 +437,16 @@ pub fn missing_after_snapshot(
         let mut entry = trash[key].clone();
         entry.insert("inTrash".into(), Value::Bool(true));
         if let Some(known) = view.entities.get(key) {
-            // An active entity cannot be in trash at the same version; the trash op bumped it.
-            let listed = entry.get("version").and_then(Value::as_u64);
-            if !is_trashed(&known.state) && listed.is_none_or(|v| v <= known.version) {
+            // Only a listing without versions leaves the trash op's version to infer: it is
+            // one past an active known state. A listed version the view already has or passed
+            // is stale and is left to `apply_entity`.
+            if !is_trashed(&known.state) && !entry.contains_key("version") {
                 entry.insert("version".into(), Value::from(known.version + 1));
             }
         }
         if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
         {
-            out.push(g);
+            out.groups.push(g);
         }
     }
     let mut gone: Vec<String> = view
@@ -445,10 +465,17 @@ pub fn missing_after_snapshot(
         };
         let mut entry = Map::new();
         entry.insert("id".into(), Value::String(id.to_string()));
-        entry.insert("deleted".into(), Value::Bool(true));
+        if listing {
+            entry.insert("deleted".into(), Value::Bool(true));
+        } else {
+            let version = view.entities.get(&key).map_or(1, |k| k.version + 1);
+            entry.insert("inTrash".into(), Value::Bool(true));
+            entry.insert("version".into(), Value::from(version));
+            out.unresolved.push(key.clone());
+        }
         if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
         {
-            out.push(g);
+            out.groups.push(g);
         }
     }
     out
@@ -837,11 +864,14 @@ mod tests {
         let seen = HashSet::new();
         // No listing: a trashed entity cannot be judged.
         assert!(
-            missing_after_snapshot(&mut view.clone(), &ctx(), &seen, None, &trace()).is_empty()
+            missing_after_snapshot(&mut view.clone(), &ctx(), &seen, None, &trace())
+                .groups
+                .is_empty()
         );
         // A listing without it: it was purged.
         let groups =
-            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&HashMap::new()), &trace());
+            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&HashMap::new()), &trace())
+                .groups;
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].records[0].id, "node:t:6");
         assert_eq!(groups[0].records[0].event_type(), "synaptask.node.deleted");
@@ -873,7 +903,8 @@ mod tests {
             obj(json!({"id": "z", "title": "never seen", "status": 1, "inTrash": true, "version": 9})),
         )]
         .into();
-        let groups = missing_after_snapshot(&mut view, &ctx(), &seen, Some(&trash), &trace());
+        let groups =
+            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&trash), &trace()).groups;
         let types: Vec<(String, String)> = groups
             .iter()
             .map(|g| (g.records[0].id.clone(), g.records[0].event_type()))
@@ -886,5 +917,74 @@ mod tests {
                 ("node:c:5".to_string(), "synaptask.node.deleted".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn without_a_trash_listing_nothing_unknown_is_published_as_deleted() {
+        let mut view = View::default();
+        for id in ["a", "b"] {
+            let mut n = obj(seed_node());
+            n.insert("id".into(), json!(id));
+            n.insert("version".into(), json!(4));
+            changed(apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &n,
+                Origin::Snapshot,
+                &trace(),
+            ));
+        }
+        let seen: HashSet<String> = ["node:a".to_string()].into();
+        let d = missing_after_snapshot(&mut view, &ctx(), &seen, None, &trace());
+        assert_eq!(d.unresolved, ["node:b"]);
+        assert_eq!(d.groups.len(), 1);
+        assert_eq!(
+            d.groups[0].records[0].event_type(),
+            "synaptask.node.trashed"
+        );
+        assert!(d.groups[0].tombstone.is_none());
+        // A purge diff that follows still deletes it.
+        let purge = obj(json!({"id": "b", "deleted": true}));
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &purge,
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(g.records[0].id, "node:b:6");
+    }
+
+    #[test]
+    fn a_trash_listing_older_than_a_restore_already_applied_is_stale() {
+        // Trashed at v5 when the pages were read, restored (v6, applied from a live diff)
+        // before the listing, which still says v5.
+        let mut view = View::default();
+        let mut n = obj(seed_node());
+        n.insert("id".into(), json!("r"));
+        n.insert("version".into(), json!(6));
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &n,
+            Origin::Diff,
+            &trace(),
+        ));
+        let trash: HashMap<String, Map<String, Value>> = [(
+            "node:r".to_string(),
+            obj(json!({"id": "r", "inTrash": true, "version": 5})),
+        )]
+        .into();
+        // The restore's key counts as seen (touched while the snapshot was read) ...
+        let seen: HashSet<String> = ["node:r".to_string()].into();
+        let d = missing_after_snapshot(&mut view.clone(), &ctx(), &seen, Some(&trash), &trace());
+        assert!(d.groups.is_empty(), "{:?}", d.groups);
+        // ... and even unseen, a listed version the view passed publishes nothing.
+        let d = missing_after_snapshot(&mut view, &ctx(), &HashSet::new(), Some(&trash), &trace());
+        assert!(d.groups.is_empty(), "{:?}", d.groups);
+        assert_eq!(view.get("node:r").unwrap().version, 6);
     }
 }

@@ -1,0 +1,239 @@
+//! The read scheduler: every read event (`graph:get`, `branch:get`, `history:page`,
+//! `trash:page`) goes through one [`Reader`], which keeps the documented budget of 5 reads per
+//! 10 s per event name on the client side, waits a window on `rate_limited` (never failing on
+//! it), and retries timeouts and error acks a few times.
+//!
+//! Priorities come from the one-job-at-a-time rule of the session loop (`super`): a repair
+//! snapshot or a history catch-up runs before a periodic history poll, which runs before an
+//! anti-entropy snapshot, and a job never waits behind a lower-priority one's reads.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::session::{CallError, Caller};
+use super::SynapTaskConfig;
+use crate::metrics::{inc, metrics};
+use crate::ratelimit::SlidingWindow;
+use crate::record::EntityKind;
+use crate::source::{SourceError, SourceEvent};
+
+/// Why a read gave no usable answer.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Shutdown was requested while waiting.
+    Shutdown,
+    /// The server does not have this event (`internal.not_implemented`, `unknown_event`).
+    NotImplemented(String),
+    /// The session looks dead (repeated timeouts or errors); it should be replaced.
+    Lost(String),
+}
+
+/// Whether an error code says the server lacks the event altogether.
+fn not_implemented(code: &str) -> bool {
+    code.ends_with("not_implemented") || code.ends_with("unknown_event")
+}
+
+/// What a read job needs, cloneable so the job can run beside the session loop.
+#[derive(Clone)]
+pub struct Reader {
+    caller: Caller,
+    budget: Arc<Mutex<SlidingWindow<&'static str>>>,
+    /// The source's configuration.
+    pub cfg: Arc<SynapTaskConfig>,
+    /// Where pages, batches and malformed input go.
+    pub out: mpsc::Sender<SourceEvent>,
+    /// The run's shutdown.
+    pub shutdown: CancellationToken,
+}
+
+impl Reader {
+    /// A reader over one session's caller; the budget outlives sessions (the server's window
+    /// does not restart when we reconnect).
+    pub fn new(
+        caller: Caller,
+        budget: Arc<Mutex<SlidingWindow<&'static str>>>,
+        cfg: Arc<SynapTaskConfig>,
+        out: mpsc::Sender<SourceEvent>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            caller,
+            budget,
+            cfg,
+            out,
+            shutdown,
+        }
+    }
+
+    fn budget_wait(&self, event: &'static str) -> Duration {
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wait_time(&event)
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let cap = self
+            .cfg
+            .backoff_initial_ms
+            .saturating_mul(1u64 << attempts.min(20))
+            .min(self.cfg.backoff_max_ms)
+            .max(1);
+        Duration::from_millis(rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap))
+    }
+
+    async fn sleep(&self, d: Duration) -> Result<(), ReadError> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Err(ReadError::Shutdown),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    /// One read under the budget. `rate_limited` waits a window and tries again, for ever;
+    /// timeouts and other errors are tried three times before the session counts as lost.
+    pub async fn read(&self, event: &'static str, data: Value) -> Result<Value, ReadError> {
+        let mut attempts = 0u32;
+        loop {
+            loop {
+                let wait = self.budget_wait(event);
+                if wait.is_zero() {
+                    break;
+                }
+                // A little slack over the window, so our clock and the server's never disagree.
+                self.sleep(wait + Duration::from_millis(150)).await?;
+            }
+            self.budget
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_hit(&event);
+            inc(&metrics().reads_total);
+            let reply = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(ReadError::Shutdown),
+                r = self.caller.call(event, data.clone()) => r,
+            };
+            match reply {
+                Ok(ack) if ack.get("ok").and_then(Value::as_bool) == Some(true) => return Ok(ack),
+                Ok(ack) => {
+                    let code = ack
+                        .get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string();
+                    let trace_id = ack
+                        .get("trace_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    if code == "rate_limited" || code.ends_with(".rate_limited") {
+                        inc(&metrics().reads_rate_limited_total);
+                        tracing::info!(
+                            event,
+                            trace_id,
+                            "read rate-limited by the server; waiting a window"
+                        );
+                        self.sleep(Duration::from_millis(self.cfg.read_window_ms))
+                            .await?;
+                        continue;
+                    }
+                    if not_implemented(&code) {
+                        tracing::warn!(event, %code, trace_id, "the server does not implement this read");
+                        return Err(ReadError::NotImplemented(code));
+                    }
+                    attempts += 1;
+                    tracing::warn!(event, %code, trace_id, attempts, "read failed");
+                    if attempts >= 3 {
+                        return Err(ReadError::Lost(format!("{event} keeps failing: {code}")));
+                    }
+                    self.sleep(self.backoff(attempts)).await?;
+                }
+                Err(CallError::Timeout(_)) => {
+                    attempts += 1;
+                    tracing::warn!(event, attempts, "read got no ack in time");
+                    if attempts >= 3 {
+                        return Err(ReadError::Lost(format!(
+                            "{event}: no ack after {attempts} attempts"
+                        )));
+                    }
+                }
+                Err(e) => return Err(ReadError::Lost(e.to_string())),
+            }
+        }
+    }
+
+    /// Sends an event to the pipeline.
+    pub async fn send(&self, ev: SourceEvent) -> Result<(), SourceError> {
+        self.out
+            .send(ev)
+            .await
+            .map_err(|_| SourceError::PipelineClosed)
+    }
+
+    /// Reports input that could not be used; it becomes a dead letter.
+    pub async fn malformed(
+        &self,
+        event: &str,
+        raw: Vec<u8>,
+        reason: String,
+    ) -> Result<(), SourceError> {
+        self.send(SourceEvent::Malformed {
+            event: event.into(),
+            raw,
+            reason,
+        })
+        .await
+    }
+
+    /// The objects of a page ack; anything that is not an object with a string id is reported
+    /// as malformed and left out.
+    pub async fn page_items(
+        &self,
+        event: &str,
+        ack: &Value,
+    ) -> Result<Vec<(EntityKind, Map<String, Value>)>, SourceError> {
+        let mut items = Vec::new();
+        for (field, kind) in [("nodes", EntityKind::Node), ("links", EntityKind::Link)] {
+            let Some(list) = ack.get(field) else { continue };
+            let Some(list) = list.as_array() else {
+                self.malformed(
+                    event,
+                    list.to_string().into_bytes(),
+                    format!("{field} is not an array"),
+                )
+                .await?;
+                continue;
+            };
+            for item in list {
+                match item.as_object() {
+                    Some(m) if m.get("id").is_some_and(Value::is_string) => {
+                        items.push((kind, m.clone()))
+                    }
+                    _ => {
+                        self.malformed(
+                            event,
+                            item.to_string().into_bytes(),
+                            format!("{field} entry without a string id"),
+                        )
+                        .await?
+                    }
+                }
+            }
+        }
+        Ok(items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_of_a_missing_event() {
+        assert!(not_implemented("internal.not_implemented"));
+        assert!(not_implemented("bad_request.unknown_event"));
+        assert!(!not_implemented("rate_limited"));
+        assert!(!not_implemented("bad_request.invalid_scope"));
+    }
+}

@@ -1,0 +1,157 @@
+//! The snapshot job: pages `graph:get` under the read budget, sending each page on at once, then
+//! lists the trash (`trash:page`) so the pipeline can tell trashed from purged entities. Live
+//! diffs keep flowing beside it (the session loop forwards them), so a long snapshot never
+//! overflows the diff buffer.
+//!
+//! Paging follows what the server returned, not what was asked: the next offset is the last one
+//! plus the objects received, less an overlap (pages shift under concurrent deletes, DECISIONS
+//! #6), so a server that caps pages below `limit` skips nothing, and a page that is empty while
+//! claiming `hasMore` ends the snapshot instead of looping.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Map, Value};
+
+use super::reads::{ReadError, Reader};
+use crate::metrics::{inc, metrics};
+use crate::record::TraceContext;
+use crate::source::{SourceError, SourceEvent};
+
+/// How a snapshot ended.
+pub enum SnapshotEnd {
+    /// Every page was sent; this event closes the snapshot once the diffs that arrived before
+    /// it are forwarded.
+    Done(SourceEvent),
+    /// A read failed for good.
+    Failed(ReadError),
+}
+
+/// The offset after a page of `returned` objects read at `offset`: the overlap re-reads part
+/// of the page (at most half of it, so a small page still moves on).
+pub fn next_offset(offset: u64, returned: u64, overlap: u64) -> u64 {
+    let step = returned - overlap.min(returned / 2);
+    offset + step.max(1)
+}
+
+/// Pages the graph and the trash, sending pages on as they come.
+pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
+    let started = std::time::Instant::now();
+    let limit = r.cfg.page_limit;
+    let mut offset: u64 = 0;
+    let mut seen = HashSet::new();
+    let mut trace;
+    let mut pages = 0u32;
+    r.send(SourceEvent::SnapshotStart).await?;
+    loop {
+        let ack = match r
+            .read("graph:get", json!({"limit": limit, "offset": offset}))
+            .await
+        {
+            Ok(ack) => ack,
+            Err(e) => return Ok(SnapshotEnd::Failed(e)),
+        };
+        pages += 1;
+        trace = ack
+            .get("trace_id")
+            .and_then(Value::as_str)
+            .map_or_else(TraceContext::new_root, TraceContext::from_source);
+        let items = r.page_items("graph:get", &ack).await?;
+        let returned = items.len() as u64;
+        seen.extend(
+            items
+                .iter()
+                .filter_map(|(k, m)| m.get("id").and_then(Value::as_str).map(|id| k.key(id))),
+        );
+        inc(&metrics().source_events_total);
+        r.send(SourceEvent::SnapshotPage {
+            items,
+            trace: trace.clone(),
+        })
+        .await?;
+        if ack.get("hasMore").and_then(Value::as_bool) != Some(true) {
+            break;
+        }
+        if returned == 0 {
+            tracing::warn!(
+                offset,
+                "graph:get said hasMore with an empty page; ending the snapshot there"
+            );
+            break;
+        }
+        offset = next_offset(offset, returned, u64::from(r.cfg.page_overlap));
+    }
+    let trash = if r.cfg.trash_listing {
+        match trash(r).await? {
+            Ok(t) => t,
+            Err(ReadError::Lost(reason)) => {
+                return Ok(SnapshotEnd::Failed(ReadError::Lost(reason)))
+            }
+            Err(ReadError::Shutdown) => return Ok(SnapshotEnd::Failed(ReadError::Shutdown)),
+            Err(ReadError::NotImplemented(_)) => None,
+        }
+    } else {
+        None
+    };
+    inc(&metrics().snapshots_total);
+    tracing::info!(
+        pages,
+        entities = seen.len(),
+        trashed = trash.as_ref().map_or(0, HashMap::len),
+        listing = trash.is_some(),
+        secs = started.elapsed().as_secs_f64(),
+        "snapshot read"
+    );
+    Ok(SnapshotEnd::Done(SourceEvent::SnapshotDone {
+        seen,
+        trash,
+        trace,
+    }))
+}
+
+/// `trash:page` until done. `Err(NotImplemented)` when the server lacks the event.
+type TrashListing = Option<HashMap<String, Map<String, Value>>>;
+
+async fn trash(r: &Reader) -> Result<Result<TrashListing, ReadError>, SourceError> {
+    let mut trash = HashMap::new();
+    let mut offset = 0u64;
+    loop {
+        let ack = match r
+            .read("trash:page", json!({"limit": 1000, "offset": offset}))
+            .await
+        {
+            Ok(ack) => ack,
+            Err(ReadError::NotImplemented(code)) => {
+                tracing::warn!(%code, "no trash listing: entities that left the graph cannot be told trashed from purged");
+                return Ok(Err(ReadError::NotImplemented(code)));
+            }
+            Err(e) => return Ok(Err(e)),
+        };
+        let items = r.page_items("trash:page", &ack).await?;
+        let returned = items.len() as u64;
+        for (kind, m) in items {
+            if let Some(id) = m.get("id").and_then(Value::as_str) {
+                trash.insert(kind.key(id), m);
+            }
+        }
+        if ack.get("hasMore").and_then(Value::as_bool) != Some(true) || returned == 0 {
+            return Ok(Ok(Some(trash)));
+        }
+        offset += returned;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_follow_what_the_server_returned() {
+        // Full pages: limit minus the overlap.
+        assert_eq!(next_offset(0, 5000, 50), 4950);
+        // A server capping pages at 100 while 5000 were asked: no skipped objects.
+        assert_eq!(next_offset(4950, 100, 50), 5000);
+        // Pages smaller than twice the overlap still move on.
+        assert_eq!(next_offset(10, 40, 50), 30);
+        assert_eq!(next_offset(10, 1, 50), 11);
+    }
+}
