@@ -3,9 +3,14 @@
 //! with a seeded mutation generator and HTTP ground truth. The connector's tests, demo and
 //! benchmarks all run against it.
 //!
+//! Options that make it deviate from the documented service (history retention and order,
+//! missing events, capped pages, `--chaos`) are all off by default.
+//!
 //! Layout: [`model`] entities and their JSON, [`world`] state and rules, [`generator`] seeded
-//! mutations, [`server`] Socket.IO and HTTP, [`jobs`] the job API.
+//! mutations, [`server`] Socket.IO and HTTP, [`chaos`] random misbehaviour, [`jobs`] the job
+//! API.
 
+pub mod chaos;
 pub mod generator;
 pub mod jobs;
 pub mod model;
@@ -21,10 +26,11 @@ use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use self::chaos::{Chaos, ChaosConfig, CutListener, Peer};
 use self::generator::InitialSize;
 use self::model::User;
-use self::server::{lock, Limits, Sim};
-use self::world::World;
+use self::server::{lock, Faults, Limits, Sim};
+use self::world::{ReadShape, World};
 
 /// The token and user of `taskstream sim` when `--tokens` is not given.
 pub const DEFAULT_TOKENS: &str = "st_sim_demo_token_0001:5f0c6a52-3b8e-4d7a-9c1e-2a4b6d8f0a11";
@@ -89,6 +95,40 @@ pub struct SimConfig {
     /// Leave the first N read requests unanswered (no ack at all), for client timeout tests.
     #[arg(long, default_value_t = 0)]
     pub drop_reads: u64,
+    /// `history:page` serves only the newest N batches of each scope, as a plan's history
+    /// retention would (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub history_retention: usize,
+    /// `history:page` lists the oldest batch first instead of the newest.
+    #[arg(long)]
+    pub history_oldest_first: bool,
+    /// `history:page` acks `internal.not_implemented`.
+    #[arg(long)]
+    pub no_history: bool,
+    /// `trash:page` acks `internal.not_implemented` (the documented server has no trash events).
+    #[arg(long)]
+    pub no_trash_page: bool,
+    /// `graph:get` and `branch:get` return at most N objects per page whatever `limit` asks
+    /// (0 = no cap).
+    #[arg(long, default_value_t = 0)]
+    pub page_cap: usize,
+    /// Leave `ws:ping` unanswered (it is only in a changelog); Engine.IO's own ping still works.
+    #[arg(long)]
+    pub no_ws_ping: bool,
+    /// Misbehave at random (seeded by --seed): disconnect sessions, cut their transport, send
+    /// acks late and answer `rate_limited` under the limit; counted in `/truth` `chaos`.
+    #[arg(long)]
+    pub chaos: bool,
+    /// With --chaos: mean lifetime of a session in milliseconds before chaos ends it, half the
+    /// time by a server disconnect, half by cutting its connection.
+    #[arg(long, default_value_t = 8000)]
+    pub chaos_disconnect_ms: u64,
+    /// With --chaos: percent of read acks sent 2-8 s late.
+    #[arg(long, default_value_t = 5.0)]
+    pub chaos_delay_pct: f64,
+    /// With --chaos: percent of reads answered `rate_limited` although under the limit.
+    #[arg(long, default_value_t = 5.0)]
+    pub chaos_rate_limited_pct: f64,
 }
 
 impl Default for SimConfig {
@@ -113,6 +153,16 @@ impl Default for SimConfig {
             read_window_ms: 10_000,
             start_paused: false,
             drop_reads: 0,
+            history_retention: 0,
+            history_oldest_first: false,
+            no_history: false,
+            no_trash_page: false,
+            page_cap: 0,
+            no_ws_ping: false,
+            chaos: false,
+            chaos_disconnect_ms: 8000,
+            chaos_delay_pct: 5.0,
+            chaos_rate_limited_pct: 5.0,
         }
     }
 }
@@ -205,6 +255,12 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener, SimError> {
 pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHandle, SimError> {
     let users = parse_users(&cfg.tokens)?;
     let mut world = World::new(users.clone(), cfg.seed);
+    // Set before the load copy below is taken, so it answers the same way.
+    world.read_shape = ReadShape {
+        history_retention: cfg.history_retention,
+        history_oldest_first: cfg.history_oldest_first,
+        page_cap: cfg.page_cap,
+    };
     generator::build_initial(
         &mut world,
         InitialSize {
@@ -231,7 +287,24 @@ pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHan
         reads: cfg.read_limit,
         read_window: Duration::from_millis(cfg.read_window_ms),
     };
-    let sim = Sim::new(world, limits);
+    let chaos = cfg.chaos.then(|| {
+        Chaos::new(
+            ChaosConfig {
+                // A zero mean would end every session the moment it connects.
+                disconnect_mean: Duration::from_millis(cfg.chaos_disconnect_ms.max(1)),
+                delay_pct: cfg.chaos_delay_pct,
+                rate_limited_pct: cfg.chaos_rate_limited_pct,
+            },
+            cfg.seed,
+        )
+    });
+    let faults = Faults {
+        no_history: cfg.no_history,
+        no_trash_page: cfg.no_trash_page,
+        no_ws_ping: cfg.no_ws_ping,
+        chaos,
+    };
+    let sim = Sim::with_faults(world, limits, faults);
     sim.paused.store(cfg.start_paused, Ordering::SeqCst);
     sim.drop_reads.store(cfg.drop_reads, Ordering::SeqCst);
     *lock(&sim.load) = load;
@@ -259,12 +332,24 @@ pub async fn start(cfg: SimConfig, shutdown: CancellationToken) -> Result<SimHan
     });
     let mut tasks = Vec::new();
     let sd = shutdown.clone();
+    // Chaos serves through a listener whose connections it can cut; otherwise the plain one.
+    let conns = sim.faults.chaos.as_ref().map(|c| c.conns.clone());
     tasks.push(tokio::spawn(async move {
-        let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(api, svc)
-            .with_graceful_shutdown(sd.cancelled_owned())
-            .await
-        {
+        let served = match conns {
+            Some(conns) => {
+                let svc = app.into_make_service_with_connect_info::<Peer>();
+                axum::serve(CutListener::new(api, conns), svc)
+                    .with_graceful_shutdown(sd.cancelled_owned())
+                    .await
+            }
+            None => {
+                let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(api, svc)
+                    .with_graceful_shutdown(sd.cancelled_owned())
+                    .await
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "simulator API server stopped");
         }
     }));

@@ -1,12 +1,13 @@
 //! The simulator's network face: the Socket.IO v4 server (auth, connect limits, read events
 //! with their rate limit, `graph:diff` broadcasts) and the HTTP control routes served on the
-//! same port (`/truth`, `/pause`, `/resume`, `/load/start`, `/admin/*`).
+//! same port (`/truth`, `/pause`, `/resume`, `/load/start`, `/admin/*`), plus the deviations
+//! from the documented service that [`Faults`] switches on (missing events, chaos, blackouts).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Query, State};
 use axum::routing::{get, post};
@@ -17,6 +18,7 @@ use serde_json::{json, value::RawValue, Value};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::SocketIo;
 
+use super::chaos::{Chaos, ChaosCounters, Ending};
 use super::world::{now_rfc3339, ApiError, World};
 use crate::ratelimit::SlidingWindow;
 
@@ -64,6 +66,8 @@ pub struct Counters {
     pub diffs_emitted: AtomicU64,
     pub diffs_dropped: AtomicU64,
     pub load_emitted: AtomicU64,
+    /// Connects refused during an `/admin/blackout` window: an outage, not a limit violation.
+    pub blackout_refusals: AtomicU64,
 }
 
 impl Counters {
@@ -99,6 +103,19 @@ impl Counters {
     }
 }
 
+/// Deviations from the documented service, all off by default (`taskstream sim` options).
+#[derive(Default)]
+pub struct Faults {
+    /// `history:page` acks `internal.not_implemented` (`--no-history`).
+    pub no_history: bool,
+    /// `trash:page` acks `internal.not_implemented` (`--no-trash-page`).
+    pub no_trash_page: bool,
+    /// `ws:ping` goes unanswered (`--no-ws-ping`).
+    pub no_ws_ping: bool,
+    /// Random disconnects, late acks and spurious rate limiting (`--chaos`).
+    pub chaos: Option<Chaos>,
+}
+
 /// The shared state of a running simulator.
 pub struct Sim {
     pub world: Mutex<World>,
@@ -117,6 +134,9 @@ pub struct Sim {
     /// so the truth and the pushed diffs change together.
     pub load_world: Mutex<Option<World>>,
     io: Mutex<Option<SocketIo>>,
+    pub faults: Faults,
+    /// Until when new connections are refused (`POST /admin/blackout`).
+    blackout_until: Mutex<Option<Instant>>,
 }
 
 /// Locks a mutex, recovering the data if a panicking holder poisoned it: every critical section
@@ -177,8 +197,13 @@ const BAD_PAYLOAD: ApiError = ApiError {
 };
 
 impl Sim {
-    /// A simulator over this world, with these limits.
+    /// A simulator over this world, with these limits, behaving as documented.
     pub fn new(world: World, limits: Limits) -> Arc<Self> {
+        Self::with_faults(world, limits, Faults::default())
+    }
+
+    /// A simulator over this world, with these limits and deviations.
+    pub fn with_faults(world: World, limits: Limits, faults: Faults) -> Arc<Self> {
         Arc::new(Self {
             world: Mutex::new(world),
             counters: Counters::default(),
@@ -198,6 +223,8 @@ impl Sim {
             load: Mutex::new(Vec::new()),
             load_world: Mutex::new(None),
             io: Mutex::new(None),
+            faults,
+            blackout_until: Mutex::new(None),
         })
     }
 
@@ -215,7 +242,7 @@ impl Sim {
             async move { sim.on_connect(s, auth.unwrap_or(Value::Null)) }
         });
         *lock(&self.io) = Some(io);
-        Router::new()
+        let router = Router::new()
             .route(
                 "/health",
                 get(|| async { Json(json!({"ok": true, "status": "up"})) }),
@@ -226,8 +253,29 @@ impl Sim {
             .route("/load/start", post(load_start))
             .route("/admin/emit", post(admin_emit))
             .route("/admin/disconnect", post(admin_disconnect))
+            .route("/admin/blackout", post(admin_blackout))
             .with_state(self.clone())
-            .layer(layer)
+            .layer(layer);
+        match &self.faults.chaos {
+            // Outermost, so it sees every Engine.IO request before socketioxide does.
+            Some(chaos) => router.layer(axum::middleware::from_fn_with_state(
+                chaos.conns.clone(),
+                super::chaos::track_sids,
+            )),
+            None => router,
+        }
+    }
+
+    /// The chaos counters for `/truth`: zeros when chaos is off.
+    fn chaos_json(&self) -> Value {
+        match &self.faults.chaos {
+            Some(c) => c.counters.json(),
+            None => ChaosCounters::default().json(),
+        }
+    }
+
+    fn in_blackout(&self) -> bool {
+        lock(&self.blackout_until).is_some_and(|until| Instant::now() < until)
     }
 
     fn io(&self) -> Option<SocketIo> {
@@ -236,12 +284,20 @@ impl Sim {
 
     fn on_connect(self: Arc<Self>, s: SocketRef, auth: Value) {
         Counters::bump(&self.counters.connect_attempts);
-        let ip = s
+        // An outage refuses before any limit sees the attempt: a client reconnecting through
+        // it is not breaking the connect limits.
+        if self.in_blackout() {
+            Counters::bump(&self.counters.blackout_refusals);
+            tracing::info!("connect refused: blackout");
+            s.disconnect().ok();
+            return;
+        }
+        let peer = s
             .req_parts()
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            .map(|c| c.0);
+        let ip = peer.map(|p| p.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]));
         if !lock(&self.ip_window).hit_always(&ip) {
             Counters::bump(&self.counters.rejected_ip_limit);
             tracing::info!(%ip, "connect refused: per-IP connect limit");
@@ -294,11 +350,14 @@ impl Sim {
         let uid = lock(&self.world).users[user].uid.clone();
         s.join(format!("user:{uid}"));
         let sim = self.clone();
-        s.on_disconnect(move || {
+        s.on_disconnect(move |s: SocketRef| {
             let sim = sim.clone();
             async move {
                 if let Some(n) = lock(&sim.sessions).get_mut(&user) {
                     *n = n.saturating_sub(1);
+                }
+                if let Some(chaos) = &sim.faults.chaos {
+                    chaos.conns.forget(&s.id.to_string());
                 }
             }
         });
@@ -318,15 +377,24 @@ impl Sim {
                             return;
                         }
                         let reply = sim.read(user, event, data.unwrap_or(Value::Null));
+                        let delay = sim.faults.chaos.as_ref().and_then(Chaos::ack_delay);
+                        if let Some(delay) = delay {
+                            // socketioxide runs each async handler as its own task, so this
+                            // wait holds back only this ack.
+                            tracing::info!(event, ?delay, "ack sent late (--chaos)");
+                            tokio::time::sleep(delay).await;
+                        }
                         ack.send(&reply).ok();
                     }
                 },
             );
         }
-        s.on("ws:ping", |s: SocketRef| async move {
-            s.emit("ws:pong", &json!({"serverTime": now_rfc3339()}))
-                .ok();
-        });
+        if !self.faults.no_ws_ping {
+            s.on("ws:ping", |s: SocketRef| async move {
+                s.emit("ws:pong", &json!({"serverTime": now_rfc3339()}))
+                    .ok();
+            });
+        }
         s.on_fallback(|ack: AckSender| async move {
             let trace = new_trace_id();
             let e = ApiError {
@@ -340,11 +408,64 @@ impl Sim {
             &json!({"ok": true, "uid": uid, "client": "api", "serverTime": now_rfc3339()}),
         )
         .ok();
+        if self.faults.chaos.is_some() {
+            tokio::spawn(self.chaos_end(s, peer));
+        }
     }
 
-    /// Answers one read event: rate limit first, then parameters, then the query.
+    /// Ends a session at a random moment, by a server disconnect or by cutting its transport.
+    async fn chaos_end(self: Arc<Self>, s: SocketRef, peer: Option<SocketAddr>) {
+        let Some(chaos) = &self.faults.chaos else {
+            return;
+        };
+        let (life, ending) = chaos.session_end();
+        tokio::time::sleep(life).await;
+        if !s.connected() {
+            return;
+        }
+        let cut =
+            ending == Ending::TransportDrop && chaos.conns.cut_session(&s.id.to_string(), peer) > 0;
+        if cut {
+            tracing::info!(sid = %s.id, "transport cut (--chaos)");
+            Counters::bump(&chaos.counters.transport_drops);
+            // A polling session outlives its cut request until the heartbeat times out; end it
+            // here too. Its DISCONNECT packet waits for a poll that never comes: the client's
+            // next poll names a session that no longer exists.
+            if s.transport_type() == socketioxide::TransportType::Polling {
+                s.disconnect().ok();
+            }
+        } else {
+            // A session whose connection is not known cannot be cut; it still ends.
+            tracing::info!(sid = %s.id, ?ending, "server disconnect (--chaos)");
+            Counters::bump(&chaos.counters.server_disconnects);
+            s.disconnect().ok();
+        }
+    }
+
+    /// Answers one read event: missing events first (no limiter stands before a handler that
+    /// does not exist), then chaos, then the rate limit, then parameters, then the query.
     fn read(&self, user: usize, event: &'static str, data: Value) -> Value {
         let trace = new_trace_id();
+        let missing = match event {
+            "history:page" => self.faults.no_history,
+            "trash:page" => self.faults.no_trash_page,
+            _ => false,
+        };
+        if missing {
+            return json!({"ok": false, "error": "internal.not_implemented",
+                          "message": format!("{event} is not implemented"), "trace_id": trace});
+        }
+        // Counted apart from `rateLimitedAcks`: the client did nothing wrong.
+        if self
+            .faults
+            .chaos
+            .as_ref()
+            .is_some_and(Chaos::spurious_rate_limit)
+        {
+            tracing::info!(user, event, "read refused: spurious rate limit (--chaos)");
+            return json!({"ok": false, "error": "rate_limited",
+                          "message": "Too many requests, please slow down", "trace_id": trace});
+        }
         if !lock(&self.read_window).try_hit(&(user, event)) {
             Counters::bump(&self.counters.rate_limited_acks);
             tracing::info!(user, event, "read refused: rate limit");
@@ -480,6 +601,8 @@ async fn truth(State(sim): State<Arc<Sim>>, Query(q): Query<TruthQuery>) -> Json
     let mut v = lock(&sim.world).truth(q.history.unwrap_or(1) != 0);
     v["counters"] = sim.counters.json();
     v["paused"] = json!(sim.paused.load(Ordering::Relaxed));
+    v["chaos"] = sim.chaos_json();
+    v["blackoutRefusals"] = json!(sim.counters.blackout_refusals.load(Ordering::Relaxed));
     Json(v)
 }
 
@@ -551,4 +674,28 @@ async fn admin_disconnect(
         s.disconnect().ok();
     }
     Json(json!({"ok": true, "sockets": n}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlackoutRequest {
+    /// Length of the outage in milliseconds.
+    ms: u64,
+}
+
+/// An outage: disconnects every session now and refuses every connect for `ms` milliseconds.
+/// The generator keeps running, so a client comes back to changes it has to catch up on.
+async fn admin_blackout(
+    State(sim): State<Arc<Sim>>,
+    Json(req): Json<BlackoutRequest>,
+) -> Json<Value> {
+    // Set before disconnecting, so a client reconnecting at once is already refused.
+    *lock(&sim.blackout_until) = Some(Instant::now() + Duration::from_millis(req.ms));
+    let sockets = sim.io().map(|io| io.sockets()).unwrap_or_default();
+    let n = sockets.len();
+    for s in sockets {
+        s.disconnect().ok();
+    }
+    tracing::info!(ms = req.ms, sockets = n, "blackout");
+    Json(json!({"ok": true, "sockets": n, "ms": req.ms}))
 }

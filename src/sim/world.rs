@@ -1,6 +1,7 @@
 //! The simulator's ground truth: every user's graph, the rules that change it (versions,
 //! blocking cascades, trash and purge), the history batches those changes write, and the
-//! read queries (`graph:get`, `branch:get`, `history:page`) answered from it.
+//! read queries (`graph:get`, `branch:get`, `history:page`, `trash:page`) answered from it, as
+//! documented or, with a [`ReadShape`], as a deployment that differs would answer them.
 //!
 //! Everything here is synchronous and deterministic for a given seed and call sequence;
 //! wall-clock time appears only in timestamps.
@@ -200,6 +201,21 @@ pub struct WorldStats {
     pub ops: u64,
 }
 
+/// How the read queries shape their answers where a real deployment may differ from the
+/// documented service (`taskstream sim --history-retention`, `--history-oldest-first`,
+/// `--page-cap`). The default is the documented behaviour.
+#[derive(Debug, Default, Clone)]
+pub struct ReadShape {
+    /// `history:page` serves only the newest N batches of a scope (0 = all), as a plan's
+    /// history retention would: older ones are gone.
+    pub history_retention: usize,
+    /// `history:page` lists the oldest batch first (the DECISIONS #4 alternative).
+    pub history_oldest_first: bool,
+    /// `graph:get` and `branch:get` return at most N objects per page whatever `limit`
+    /// asks (0 = no cap).
+    pub page_cap: usize,
+}
+
 /// The whole simulated service state.
 #[derive(Clone)]
 pub struct World {
@@ -222,6 +238,8 @@ pub struct World {
     /// The one random source; everything seeded flows from it.
     pub rng: ChaCha8Rng,
     pub stats: WorldStats,
+    /// Deviations of the read answers from the documented service.
+    pub read_shape: ReadShape,
 }
 
 pub use crate::record::now_rfc3339;
@@ -327,6 +345,7 @@ impl World {
             next_seq: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
             stats: WorldStats::default(),
+            read_shape: ReadShape::default(),
         }
     }
 
@@ -1163,8 +1182,13 @@ impl World {
         v
     }
 
-    /// One page over the list "all nodes, then all links" (DECISIONS #6).
+    /// One page over the list "all nodes, then all links" (DECISIONS #6), at most
+    /// `read_shape.page_cap` objects long when a cap is set.
     fn page(&self, nodes: &[&Node], links: &[&Link], limit: usize, offset: usize) -> Value {
+        let limit = match self.read_shape.page_cap {
+            0 => limit,
+            cap => limit.min(cap),
+        };
         let total = nodes.len() + links.len();
         let end = offset.saturating_add(limit).min(total);
         let mut memo = HashMap::new();
@@ -1243,7 +1267,9 @@ impl World {
         Ok(self.page(&nodes, &links, limit, offset))
     }
 
-    /// `history:page`: newest batch first (DECISIONS #4), scoped by GRAPH + branch root or USER + uid.
+    /// `history:page`: newest batch first (DECISIONS #4; oldest first with
+    /// `read_shape.history_oldest_first`), scoped by GRAPH + branch root or USER + uid, over
+    /// the newest `read_shape.history_retention` batches of the scope when that is set.
     pub fn history_page(
         &self,
         user: usize,
@@ -1278,20 +1304,23 @@ impl World {
             }
             _ => return Err(INVALID_SCOPE),
         };
-        let mut out = Vec::new();
-        let mut skipped = 0usize;
-        let mut has_more = false;
-        for b in self.batches.iter().rev().filter(|b| filter(b)) {
-            if skipped < offset {
-                skipped += 1;
-                continue;
-            }
-            if out.len() == limit {
-                has_more = true;
-                break;
-            }
-            out.push(self.batch_json(b));
-        }
+        let matching: Vec<&Batch> = self.batches.iter().filter(|b| filter(b)).collect();
+        // Retention keeps the newest batches of the scope's list, whatever order it is paged in.
+        let kept = match self.read_shape.history_retention {
+            0 => &matching[..],
+            n => &matching[matching.len().saturating_sub(n)..],
+        };
+        let ordered: Box<dyn Iterator<Item = &&Batch>> = if self.read_shape.history_oldest_first {
+            Box::new(kept.iter())
+        } else {
+            Box::new(kept.iter().rev())
+        };
+        let out: Vec<Value> = ordered
+            .skip(offset)
+            .take(limit)
+            .map(|b| self.batch_json(b))
+            .collect();
+        let has_more = kept.len() > offset.saturating_add(out.len());
         Ok(json!({"ok": true, "hasMore": has_more, "batches": out}))
     }
 
@@ -1620,5 +1649,63 @@ mod tests {
             w.history_page(0, "PAGE", &uid, 1, 0).unwrap_err(),
             INVALID_SCOPE
         );
+    }
+
+    fn batch_ids(page: &Value) -> Vec<String> {
+        page["batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["batchId"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn history_retention_and_order() {
+        let mut w = World::new(vec![user(1)], 3);
+        for _ in 0..6 {
+            w.add_node(0, new_node(0), None);
+        }
+        let uid = w.users[0].uid.clone();
+        let newest_first = batch_ids(&w.history_page(0, "USER", &uid, 100, 0).unwrap());
+        assert_eq!(newest_first.len(), 6);
+
+        w.read_shape.history_retention = 4;
+        let page = w.history_page(0, "USER", &uid, 3, 0).unwrap();
+        assert_eq!(batch_ids(&page), newest_first[..3]);
+        assert_eq!(page["hasMore"], true);
+        let page = w.history_page(0, "USER", &uid, 3, 3).unwrap();
+        assert_eq!(batch_ids(&page), newest_first[3..4]);
+        assert_eq!(page["hasMore"], false);
+
+        // Oldest first over the retained batches: the two oldest are gone.
+        w.read_shape.history_oldest_first = true;
+        let page = w.history_page(0, "USER", &uid, 100, 0).unwrap();
+        let mut expected = newest_first[..4].to_vec();
+        expected.reverse();
+        assert_eq!(batch_ids(&page), expected);
+    }
+
+    #[test]
+    fn page_cap_shortens_pages_and_keeps_has_more() {
+        let mut w = World::new(vec![user(1)], 3);
+        for _ in 0..10 {
+            w.add_node(0, new_node(0), None);
+        }
+        w.read_shape.page_cap = 4;
+        let mut sizes = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = w.graph_page(0, 100, offset).unwrap();
+            let n = page["nodes"].as_array().unwrap().len();
+            sizes.push(n);
+            offset += n as i64;
+            if !page["hasMore"].as_bool().unwrap() {
+                break;
+            }
+        }
+        assert_eq!(sizes, [4, 4, 2]);
+        // The range check still applies to the asked limit.
+        assert_eq!(w.graph_page(0, 5001, 0).unwrap_err(), OUT_OF_RANGE);
     }
 }
