@@ -166,12 +166,15 @@ const PENDING_BYTES: usize = 16 * 1024 * 1024;
 /// Status record ids remembered, so history does not publish again what a live diff did.
 const RECENT_STATUS_IDS: usize = 200_000;
 
-/// A live diff entry held until the entity it changes is known.
+/// A live diff entry held until the entity it changes is known, or until history filled in
+/// the versions it skips.
 struct Held {
     kind: EntityKind,
     entity: Map<String, Value>,
     trace: TraceContext,
     bytes: usize,
+    /// Catch-ups it was tried after.
+    tries: u8,
 }
 
 /// A gap announced by the source, published once the snapshot that reconciles it is done.
@@ -203,6 +206,8 @@ struct Pipeline {
     held_bytes: usize,
     gaps: Vec<PendingGap>,
     recent_status: RecentIds,
+    /// History is on: diffs that skip versions wait for it.
+    history: bool,
     summary: RunSummary,
     max_records: Option<u64>,
 }
@@ -269,7 +274,13 @@ impl Pipeline {
     /// Holds a partial diff of an entity the view does not know: the history catch-up it asks
     /// for (or the snapshot in progress) will bring the entity, and the diff is tried again.
     /// The oldest held diffs go first when the buffer is full; history brings those back too.
-    fn hold(&mut self, kind: EntityKind, entity: Map<String, Value>, trace: &TraceContext) {
+    fn hold(
+        &mut self,
+        kind: EntityKind,
+        entity: Map<String, Value>,
+        trace: &TraceContext,
+        why: &str,
+    ) {
         let bytes = entity.len() * 64 + 64;
         while self.held_bytes + bytes > PENDING_BYTES {
             let Some(old) = self.held.pop_front() else {
@@ -284,24 +295,37 @@ impl Pipeline {
             entity,
             trace: trace.clone(),
             bytes,
+            tries: 0,
         });
         metrics()
             .pending_diffs
             .store(self.held.len() as i64, std::sync::atomic::Ordering::Relaxed);
         if !self.snapshot_active {
-            self.ask(Control::CatchUp {
-                reason: "a diff changed an entity never seen in full".into(),
-            });
+            self.ask(Control::CatchUp { reason: why.into() });
         }
     }
 
-    /// Tries the held diffs again. What is still unknown after a snapshot was purged since
-    /// (stale); after a catch-up, only a snapshot can tell.
+    /// Tries the held diffs again, in arrival order. What is still unknown after a snapshot was
+    /// purged since (stale); after a catch-up, only a snapshot can tell. A diff held for
+    /// skipped versions is applied now whatever history brought (usually it is stale by now).
     async fn retry_held(&mut self, after_snapshot: bool) -> Result<(), AppError> {
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
-        let mut unknown = 0usize;
-        for h in held {
+        tracing::debug!(held = held.len(), after_snapshot, "retrying held diffs");
+        let (mut unknown, mut skipping) = (0usize, 0usize);
+        for mut h in held {
+            h.tries += 1;
+            // A catch-up that was already paging when the diff was held may not have had the
+            // versions it skips: one more catch-up before giving up on history.
+            if !after_snapshot
+                && h.tries < 2
+                && normalize::skips_versions(&self.view, h.kind, &h.entity)
+            {
+                skipping += 1;
+                self.held_bytes += h.bytes;
+                self.held.push_back(h);
+                continue;
+            }
             let o = normalize::apply_entity(
                 &mut self.view,
                 &self.ctx,
@@ -313,6 +337,11 @@ impl Pipeline {
             match o {
                 Outcome::NeedsSnapshot if after_snapshot => {
                     inc(&metrics().stale_changes_total);
+                }
+                Outcome::NeedsSnapshot if h.tries < 2 => {
+                    skipping += 1;
+                    self.held_bytes += h.bytes;
+                    self.held.push_back(h);
                 }
                 Outcome::NeedsSnapshot => {
                     unknown += 1;
@@ -332,6 +361,10 @@ impl Pipeline {
         if unknown > 0 {
             self.ask(Control::Reconcile {
                 reason: format!("{unknown} diffs changed entities history did not bring"),
+            });
+        } else if skipping > 0 {
+            self.ask(Control::CatchUp {
+                reason: format!("{skipping} held diffs still wait for history"),
             });
         }
         Ok(())
@@ -356,7 +389,12 @@ impl Pipeline {
                 Ok(())
             }
             Outcome::NeedsSnapshot => {
-                self.hold(kind, entity.clone(), trace);
+                self.hold(
+                    kind,
+                    entity.clone(),
+                    trace,
+                    "a diff changed an entity never seen in full",
+                );
                 Ok(())
             }
             Outcome::Invalid(reason) => {
@@ -464,6 +502,10 @@ impl Pipeline {
                                 self.touched.insert(kind.key(id));
                             }
                         }
+                        if self.history && normalize::skips_versions(&self.view, kind, &entity) {
+                            self.hold(kind, entity, &trace, "a diff skipped versions");
+                            continue;
+                        }
                         let o = normalize::apply_entity(
                             &mut self.view,
                             &self.ctx,
@@ -490,9 +532,14 @@ impl Pipeline {
                         &mut self.recent_status,
                         &trace,
                     ) {
-                        Ok(groups) => {
+                        Ok((groups, unknown)) => {
                             for g in groups {
                                 self.submit(g).await?;
+                            }
+                            if unknown > 0 && !self.snapshot_active {
+                                self.ask(Control::Reconcile {
+                                    reason: "history changed entities never seen in full".into(),
+                                });
                             }
                         }
                         Err(reason) => {
@@ -504,6 +551,7 @@ impl Pipeline {
                 }
             }
             SourceEvent::CatchUpDone => {
+                tracing::debug!(held = self.held.len(), "catch-up done");
                 self.catch_up_requested = false;
                 if !self.held.is_empty() && !self.snapshot_active {
                     self.retry_held(false).await?;
@@ -625,6 +673,7 @@ pub async fn run(
         held_bytes: 0,
         gaps: Vec::new(),
         recent_status: RecentIds::new(RECENT_STATUS_IDS),
+        history: cfg.source.history,
         summary: RunSummary::default(),
         max_records: opts.max_records,
     };

@@ -210,7 +210,8 @@ fn op_version(forward: &Map<String, Value>, op: &Map<String, Value>) -> Option<u
 /// The records of one history batch read from `scope`, in publish order: the batch record,
 /// the entity changes (only those newer than the view), the status transitions not published
 /// yet, then the scope's position (an ops-only group, so the position moves only once all of
-/// them are acknowledged). `Err` when the batch itself is unusable (dead-letter route).
+/// them are acknowledged), and how many ops changed an entity the view does not know in full
+/// (only a snapshot can publish those). `Err` when the batch itself is unusable.
 pub fn apply_batch(
     view: &mut View,
     ctx: &Ctx,
@@ -218,7 +219,7 @@ pub fn apply_batch(
     batch: &Map<String, Value>,
     recent: &mut RecentIds,
     trace: &TraceContext,
-) -> Result<Vec<Group>, String> {
+) -> Result<(Vec<Group>, usize), String> {
     let Some(batch_id) = batch.get("batchId").and_then(Value::as_str) else {
         return Err("history batch without a string batchId".into());
     };
@@ -243,6 +244,7 @@ pub fn apply_batch(
         .map_or_else(|| ctx.now.clone(), str::to_string);
     let actor = batch.get("actor").cloned();
     let undo = undo_of(batch);
+    let mut unknown = 0usize;
     let mut groups = vec![Group {
         records: vec![Record {
             id: format!("history:{batch_id}"),
@@ -285,11 +287,15 @@ pub fn apply_batch(
             .get(&kind.key(entity_id))
             .and_then(|k| status_of(&k.state));
         let outcome = apply_entity(view, ctx, kind, &entry, Origin::History, trace);
-        if let Outcome::Changed(mut g) = outcome {
-            // The status record comes from the op below, with the actor.
-            g.records
-                .retain(|r| !matches!(r.body, Body::StatusChanged { .. }));
-            groups.push(g);
+        match outcome {
+            Outcome::Changed(mut g) => {
+                // The status record comes from the op below, with the actor.
+                g.records
+                    .retain(|r| !matches!(r.body, Body::StatusChanged { .. }));
+                groups.push(g);
+            }
+            Outcome::NeedsSnapshot => unknown += 1,
+            _ => {}
         }
         if kind != EntityKind::Node {
             continue;
@@ -308,12 +314,13 @@ pub fn apply_batch(
         if from == to || !recent.insert(&id) {
             continue;
         }
-        // The node as that op left it where the view is at that version; otherwise (the view
-        // moved on, or never saw the node) what the op itself says.
+        // The node as that op left it where the view is at that version. Otherwise (the view
+        // moved on) the latest known node with the op's status and version, so consumers still
+        // get a whole node; only a node never seen in full gets what the op itself says.
         let after = match view.get(&kind.key(entity_id)) {
             Some(k) if k.version == version => k.state.clone(),
-            _ => {
-                let mut m = Map::new();
+            known => {
+                let mut m = known.map(|k| Map::clone(&k.state)).unwrap_or_default();
                 m.insert("id".into(), Value::from(entity_id));
                 m.insert("status".into(), Value::from(to));
                 m.insert("version".into(), Value::from(version));
@@ -355,7 +362,7 @@ pub fn apply_batch(
             }],
         });
     }
-    Ok(groups)
+    Ok((groups, unknown))
 }
 
 /// The notice that a window of history could not be replayed and a snapshot reconciled it.
@@ -466,7 +473,8 @@ mod tests {
             &mut recent,
             &trace(),
         )
-        .unwrap();
+        .unwrap()
+        .0;
         let ids: Vec<&str> = groups
             .iter()
             .flat_map(|g| g.records.iter().map(|r| r.id.as_str()))
@@ -541,7 +549,8 @@ mod tests {
             &mut recent,
             &trace(),
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(
             groups.len(),
             2,
@@ -560,7 +569,8 @@ mod tests {
             &mut recent,
             &trace(),
         )
-        .unwrap();
+        .unwrap()
+        .0;
         let status: Vec<Value> = groups
             .iter()
             .flat_map(|g| g.records.iter())
@@ -586,7 +596,9 @@ mod tests {
              "forwardPatch": {"ID": "l1", "Source": "n1", "Target": "n0", "Type": 0, "Version": 1},
              "inversePatch": {}}]}),
         );
-        let g = apply_batch(&mut view, &ctx(), "USER:u", &add, &mut recent, &trace()).unwrap();
+        let g = apply_batch(&mut view, &ctx(), "USER:u", &add, &mut recent, &trace())
+            .unwrap()
+            .0;
         let types: Vec<String> = g
             .iter()
             .flat_map(|g| g.records.iter().map(Record::event_type))
@@ -603,7 +615,9 @@ mod tests {
         let trash = obj(json!({"batchId": "b2", "ops": [
             {"id": 3, "type": 3, "entityId": "n1", "guard": {"Version": 1},
              "forwardPatch": {"InTrash": true, "Version": 2}, "inversePatch": {"InTrash": false, "Version": 1}}]}));
-        let g = apply_batch(&mut view, &ctx(), "USER:u", &trash, &mut recent, &trace()).unwrap();
+        let g = apply_batch(&mut view, &ctx(), "USER:u", &trash, &mut recent, &trace())
+            .unwrap()
+            .0;
         assert_eq!(g[1].records[0].event_type(), "synaptask.node.trashed");
         // An undo batch of the trash: a restore, and a status it reverts carries undoOf.
         let undo = obj(json!({"batchId": "b3", "undoOf": "b2", "ops": [
@@ -611,7 +625,9 @@ mod tests {
              "forwardPatch": {"InTrash": false}, "inversePatch": {"InTrash": true}},
             {"id": 5, "type": 2, "entityId": "n1", "guard": {"Version": 3},
              "forwardPatch": {"Status": 1}, "inversePatch": {"Status": 0}}]}));
-        let g = apply_batch(&mut view, &ctx(), "USER:u", &undo, &mut recent, &trace()).unwrap();
+        let g = apply_batch(&mut view, &ctx(), "USER:u", &undo, &mut recent, &trace())
+            .unwrap()
+            .0;
         assert_eq!(g[1].records[0].event_type(), "synaptask.node.restored");
         assert_eq!(
             g[1].records[0].id, "node:n1:3",
@@ -624,7 +640,9 @@ mod tests {
         let purge = obj(json!({"batchId": "b4", "ops": [
             {"id": 6, "type": 5, "entityId": "n1", "guard": {"Version": 4},
              "forwardPatch": {"Deleted": true, "Version": 5}, "inversePatch": {}}]}));
-        let g = apply_batch(&mut view, &ctx(), "USER:u", &purge, &mut recent, &trace()).unwrap();
+        let g = apply_batch(&mut view, &ctx(), "USER:u", &purge, &mut recent, &trace())
+            .unwrap()
+            .0;
         assert_eq!(g[1].records[0].id, "node:n1:5");
         assert_eq!(g[1].records[0].event_type(), "synaptask.node.deleted");
         assert!(g[1].tombstone.is_some());
@@ -637,7 +655,9 @@ mod tests {
         let grant = obj(json!({"batchId": "g", "ops": [
             {"id": 9, "type": 20, "entityId": "x", "forwardPatch": {"Level": 2}, "inversePatch": {},
              "guard": {"Version": 0}, "futureField": 1}]}));
-        let g = apply_batch(&mut view, &ctx(), "USER:u", &grant, &mut recent, &trace()).unwrap();
+        let g = apply_batch(&mut view, &ctx(), "USER:u", &grant, &mut recent, &trace())
+            .unwrap()
+            .0;
         let r = g[0].records[0].to_json();
         assert_eq!(r["ops"][0]["name"], "GRANT_UPSERT");
         assert_eq!(r["ops"][0]["entityType"], "grant");

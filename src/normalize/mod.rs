@@ -187,6 +187,48 @@ fn entity_record(
     }
 }
 
+/// Whether a live partial diff skips versions its own fields cannot explain, so that merging
+/// it onto the known state would keep fields of a missed change stale. A status change is
+/// always an op of its own (facts §3) and so is a link's `wasBlocker` or `type` change, so a
+/// diff carrying such a field and others may climb two versions in one batch (DECISIONS #11);
+/// anything more, or less explained, waits for history to fill in the versions between.
+/// Full entities (creations, restores) and purges replace what they touch and never wait; a
+/// trash is merged like any partial change, so it waits too.
+pub fn skips_versions(view: &View, kind: EntityKind, entry: &Map<String, Value>) -> bool {
+    let Some(id) = entry.get("id").and_then(Value::as_str) else {
+        return false;
+    };
+    let (Some(known), Some(version)) = (
+        view.entities.get(&kind.key(id)),
+        entry.get("version").and_then(Value::as_u64),
+    ) else {
+        return false;
+    };
+    // A title and status change carries both fields `looks_full` checks; a whole node also
+    // has its creation time.
+    let whole =
+        looks_full(kind, entry) && (kind == EntityKind::Link || entry.contains_key("createdTime"));
+    if version <= known.version + 1 || whole || entry.contains_key("deleted") {
+        return false;
+    }
+    let own_ops: &[&str] = match kind {
+        EntityKind::Node => &["status"],
+        EntityKind::Link => &["type", "wasBlocker"],
+    };
+    let fields = entry
+        .keys()
+        .filter(|k| !BOOKKEEPING.contains(&k.as_str()) && k.as_str() != "shareRoots");
+    let (mut separate, mut other) = (0u64, 0u64);
+    for f in fields {
+        if own_ops.contains(&f.as_str()) {
+            separate += 1;
+        } else {
+            other = 1;
+        }
+    }
+    version > known.version + separate + other
+}
+
 /// Applies one entity (a snapshot item or a diff entry) to the view.
 pub fn apply_entity(
     view: &mut View,
@@ -444,9 +486,16 @@ pub fn missing_after_snapshot(
                 entry.insert("version".into(), Value::from(known.version + 1));
             }
         }
+        let unknown = !view.entities.contains_key(key);
         if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
         {
             out.groups.push(g);
+        }
+        if unknown {
+            // Published as trashed, but not kept: a trash listing lacks most fields, and a
+            // later restore must bring the whole entity (its diff, or a snapshot), not merge
+            // `inTrash: false` onto this sketch.
+            view.entities.remove(key);
         }
     }
     let mut gone: Vec<String> = view
@@ -986,5 +1035,65 @@ mod tests {
         let d = missing_after_snapshot(&mut view, &ctx(), &HashSet::new(), Some(&trash), &trace());
         assert!(d.groups.is_empty(), "{:?}", d.groups);
         assert_eq!(view.get("node:r").unwrap().version, 6);
+    }
+
+    #[test]
+    fn version_jumps_a_diff_cannot_explain_wait_for_history() {
+        let mut view = View::default();
+        let mut n = obj(seed_node());
+        n.insert("version".into(), json!(3));
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &n,
+            Origin::Snapshot,
+            &trace(),
+        ));
+        let id = "d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54";
+        let d = |v: Value| obj(v);
+        // +1: always fine.
+        assert!(!skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "tags": [], "version": 4}))
+        ));
+        // Title and status in one batch: two ops, +2 explained.
+        assert!(!skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "title": "x", "status": 1, "version": 5}))
+        ));
+        // A title alone at +2: a change in between was missed.
+        assert!(skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "title": "x", "version": 5}))
+        ));
+        assert!(skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "status": 1, "version": 5}))
+        ));
+        // Title and status at +3: a change in between was missed.
+        assert!(skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "title": "x", "status": 1, "version": 6}))
+        ));
+        // Full entities replace what they touch; a trash is merged, so it waits.
+        let mut full = obj(seed_node());
+        full.insert("version".into(), json!(9));
+        assert!(!skips_versions(&view, EntityKind::Node, &full));
+        assert!(skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "inTrash": true, "version": 9}))
+        ));
+        assert!(!skips_versions(
+            &view,
+            EntityKind::Node,
+            &d(json!({"id": id, "inTrash": true, "version": 4}))
+        ));
     }
 }

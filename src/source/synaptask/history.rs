@@ -243,6 +243,9 @@ async fn catch_up_scope(
             break;
         }
         if collected.len() > r.cfg.history_max_batches {
+            // The snapshot that follows stands for everything up to now: the next catch-up
+            // starts at the head, not at this window again.
+            st.cursor = collected.iter().map(|(m, _)| *m).max().or(st.cursor);
             return Ok(Ok(Some(Gap {
                 scope: key,
                 from_op_id: cursor,
