@@ -423,7 +423,7 @@ mod tests {
     fn node(id: &str, version: u64, status: i64) -> Map<String, Value> {
         obj(
             json!({"id": id, "title": "t", "status": status, "version": version,
-                   "lastEditedTime": "2025-10-08T10:00:00Z"}),
+                   "createdTime": "2025-10-08T09:00:00Z", "lastEditedTime": "2025-10-08T10:00:00Z"}),
         )
     }
 
@@ -590,7 +590,8 @@ mod tests {
         let add = obj(
             json!({"batchId": "b1", "ts": "2025-10-08T10:00:00Z", "ops": [
             {"id": 1, "type": 0, "entityId": "n1", "guard": {"Version": 0},
-             "forwardPatch": {"ID": "n1", "Title": "new", "Status": 0, "Version": 1, "LastBatchID": "b1"},
+             "forwardPatch": {"ID": "n1", "Title": "new", "Status": 0, "Version": 1, "LastBatchID": "b1",
+                              "CreatedTime": "2025-10-08T10:00:00Z"},
              "inversePatch": {}},
             {"id": 2, "type": 10, "entityId": "l1", "guard": {"Version": 0},
              "forwardPatch": {"ID": "l1", "Source": "n1", "Target": "n0", "Type": 0, "Version": 1},

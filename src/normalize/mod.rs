@@ -117,10 +117,16 @@ fn is_trashed(state: &Map<String, Value>) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether an entry carries a whole entity, as creations, restores and pages do.
+/// Whether an entry carries a whole entity, as creations, restores and pages do. A partial
+/// diff of a title and status change has both of those fields; only a whole node also has its
+/// creation time.
 fn looks_full(kind: EntityKind, entry: &Map<String, Value>) -> bool {
     match kind {
-        EntityKind::Node => entry.contains_key("title") && entry.contains_key("status"),
+        EntityKind::Node => {
+            entry.contains_key("title")
+                && entry.contains_key("status")
+                && entry.contains_key("createdTime")
+        }
         EntityKind::Link => entry.contains_key("source") && entry.contains_key("target"),
     }
 }
@@ -204,11 +210,7 @@ pub fn skips_versions(view: &View, kind: EntityKind, entry: &Map<String, Value>)
     ) else {
         return false;
     };
-    // A title and status change carries both fields `looks_full` checks; a whole node also
-    // has its creation time.
-    let whole =
-        looks_full(kind, entry) && (kind == EntityKind::Link || entry.contains_key("createdTime"));
-    if version <= known.version + 1 || whole || entry.contains_key("deleted") {
+    if version <= known.version + 1 || looks_full(kind, entry) || entry.contains_key("deleted") {
         return false;
     }
     let own_ops: &[&str] = match kind {
