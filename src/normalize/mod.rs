@@ -290,7 +290,12 @@ pub fn apply_entity(
     let trashing = entry.get("inTrash").and_then(Value::as_bool) == Some(true);
     let full = looks_full(kind, entry);
     let (change, before, mut after) = match known {
-        None if !full && !trashing => return Outcome::NeedsSnapshot,
+        // A trash of an entity never seen in full would leave a sketch in the view (no title,
+        // no tags) that makes its history look stale; only the trash listing after a snapshot
+        // may introduce one, and it is not kept (`missing_after_snapshot`).
+        None if !full && !(trashing && origin == Origin::Snapshot) => {
+            return Outcome::NeedsSnapshot
+        }
         None => (
             if trashing {
                 Change::Trashed
