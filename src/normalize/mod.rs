@@ -36,28 +36,29 @@ pub struct View {
     entities: HashMap<String, Known>,
     /// Purged entities and the version of their purge, so a stale page cannot resurrect them.
     deleted: HashMap<String, u64>,
+    /// Entities known only from a trash listing (published as trashed, never seen whole): kept
+    /// apart so that a partial change cannot be merged onto a state without a title or tags,
+    /// while a purge or a whole restore still finds them.
+    sketches: HashMap<String, Known>,
 }
 
 impl View {
     /// The view a restart begins with: exactly what was delivered.
     pub fn from_checkpoint(cp: &Checkpoint) -> Self {
-        let entities = cp
-            .entities
-            .iter()
-            .map(|(k, e)| {
-                (
-                    k.clone(),
-                    Known {
-                        version: e.version,
-                        state: e.state.clone(),
-                    },
-                )
-            })
-            .collect();
-        Self {
-            entities,
-            deleted: HashMap::new(),
+        let mut view = Self::default();
+        for (k, e) in &cp.entities {
+            let known = Known {
+                version: e.version,
+                state: e.state.clone(),
+            };
+            let whole = split_key(k).is_some_and(|(kind, _)| looks_full(kind, &e.state));
+            if is_trashed(&e.state) && !whole {
+                view.sketches.insert(k.clone(), known);
+            } else {
+                view.entities.insert(k.clone(), known);
+            }
         }
+        view
     }
 
     /// An entity's known state.
@@ -245,9 +246,14 @@ pub fn apply_entity(
     };
     let key = kind.key(id);
     let known = view.entities.get(&key);
+    let sketch = if known.is_none() {
+        view.sketches.get(&key).cloned()
+    } else {
+        None
+    };
 
     if entry.get("deleted").and_then(Value::as_bool) == Some(true) {
-        let Some(known) = known else {
+        let Some(known) = known.or(sketch.as_ref()) else {
             return Outcome::Stale;
         };
         // A purge carries no version (DECISIONS #1); it is one op past the last known one.
@@ -260,6 +266,7 @@ pub fn apply_entity(
         }
         let before = known.state.clone();
         view.entities.remove(&key);
+        view.sketches.remove(&key);
         view.deleted.insert(key.clone(), version);
         let record = entity_record(
             ctx,
@@ -282,7 +289,9 @@ pub fn apply_entity(
     let Some(version) = entry.get("version").and_then(Value::as_u64) else {
         return Outcome::Invalid(format!("{} {id} without an integer version", kind.as_str()));
     };
-    if known.is_some_and(|k| version <= k.version)
+    if known
+        .or(sketch.as_ref())
+        .is_some_and(|k| version <= k.version)
         || view.deleted.get(&key).is_some_and(|d| version <= *d)
     {
         return Outcome::Stale;
@@ -296,6 +305,12 @@ pub fn apply_entity(
         None if !full && !(trashing && origin == Origin::Snapshot) => {
             return Outcome::NeedsSnapshot
         }
+        // A whole entity restores what was only known from the trash listing.
+        None if full && sketch.is_some() => (
+            Change::Restored,
+            sketch.as_ref().map(|k| k.state.clone()),
+            entry.clone(),
+        ),
         None => (
             if trashing {
                 Change::Trashed
@@ -337,6 +352,7 @@ pub fn apply_entity(
         },
         _ => None,
     };
+    view.sketches.remove(&key);
     view.entities.insert(
         key.clone(),
         Known {
@@ -499,10 +515,12 @@ pub fn missing_after_snapshot(
             out.groups.push(g);
         }
         if unknown {
-            // Published as trashed, but not kept: a trash listing lacks most fields, and a
+            // Published as trashed, but kept apart: a trash listing lacks most fields, and a
             // later restore must bring the whole entity (its diff, or a snapshot), not merge
             // `inTrash: false` onto this sketch.
-            view.entities.remove(key);
+            if let Some(k) = view.entities.remove(key) {
+                view.sketches.insert(key.clone(), k);
+            }
         }
     }
     let mut gone: Vec<String> = view
@@ -514,6 +532,15 @@ pub fn missing_after_snapshot(
         .filter(|k| !seen.contains(*k) && !trash.contains_key(*k))
         .cloned()
         .collect();
+    if listing {
+        // Known only from an earlier listing and no longer in trash: purged too.
+        gone.extend(
+            view.sketches
+                .keys()
+                .filter(|k| !seen.contains(*k) && !trash.contains_key(*k))
+                .cloned(),
+        );
+    }
     gone.sort();
     for key in gone {
         let Some((kind, id)) = split_key(&key) else {
@@ -1102,5 +1129,64 @@ mod tests {
             EntityKind::Node,
             &d(json!({"id": id, "inTrash": true, "version": 4}))
         ));
+    }
+
+    #[test]
+    fn an_entity_known_only_from_the_trash_listing_is_purged_or_restored_whole() {
+        let mut view = View::default();
+        let trash: HashMap<String, Map<String, Value>> = [(
+            "node:s".to_string(),
+            obj(
+                json!({"id": "s", "title": "in trash", "status": 1, "inTrash": true, "version": 4}),
+            ),
+        )]
+        .into();
+        let d = missing_after_snapshot(&mut view, &ctx(), &HashSet::new(), Some(&trash), &trace());
+        assert_eq!(
+            d.groups[0].records[0].event_type(),
+            "synaptask.node.trashed"
+        );
+        assert!(
+            view.get("node:s").is_none(),
+            "a sketch is not a known entity"
+        );
+        // A partial change (history's restore patch) cannot be merged onto it ...
+        let restore = obj(json!({"id": "s", "inTrash": false, "version": 5}));
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &restore,
+                Origin::History,
+                &trace()
+            ),
+            Outcome::NeedsSnapshot
+        );
+        // ... a whole restore can, and a purge deletes it.
+        let mut whole = obj(seed_node());
+        whole.insert("id".into(), json!("s"));
+        whole.insert("version".into(), json!(5));
+        let mut v2 = view.clone();
+        let g = changed(apply_entity(
+            &mut v2,
+            &ctx(),
+            EntityKind::Node,
+            &whole,
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(g.records[0].event_type(), "synaptask.node.restored");
+        let purge = obj(json!({"id": "s", "deleted": true}));
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &purge,
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(g.records[0].id, "node:s:5");
+        assert!(g.tombstone.is_some());
     }
 }
