@@ -464,6 +464,7 @@ impl Pipeline {
                         gap.from_op_id,
                         gap.oldest_available_op_id,
                         &gap.reason,
+                        "snapshot",
                         d.unresolved.clone(),
                         &trace,
                     );
@@ -562,12 +563,33 @@ impl Pipeline {
                 from_op_id,
                 oldest_available_op_id,
                 reason,
+                snapshot: true,
             } => self.gaps.push(PendingGap {
                 scope,
                 from_op_id,
                 oldest_available_op_id,
                 reason,
             }),
+            SourceEvent::Gap {
+                scope,
+                from_op_id,
+                oldest_available_op_id,
+                reason,
+                snapshot: false,
+            } => {
+                tracing::warn!(%scope, from_op_id, ?oldest_available_op_id, "history retention outran the poll; the live stream covered the window");
+                let g = normalize::history::gap(
+                    &self.ctx,
+                    &scope,
+                    from_op_id,
+                    oldest_available_op_id,
+                    &reason,
+                    "live_diffs",
+                    Vec::new(),
+                    &TraceContext::new_root(),
+                );
+                self.submit(g).await?;
+            }
             SourceEvent::Job {
                 client_id,
                 index,

@@ -196,6 +196,9 @@ pub enum Body {
         oldest_available_op_id: Option<u64>,
         /// Why replay was impossible (`retention`, `history_unavailable`, ...).
         reason: String,
+        /// What stands in for the window: `snapshot`, or `live_diffs` when a periodic poll was
+        /// outrun by retention while the live stream lost nothing.
+        reconciled_by: String,
         /// Entities whose fate the snapshot could not tell (left the active graph, trash
         /// listing unavailable): published as trashed, possibly purged since.
         unresolved: Vec<String>,
@@ -350,13 +353,14 @@ impl serde::Serialize for Record {
                 from_op_id,
                 oldest_available_op_id,
                 reason,
+                reconciled_by,
                 unresolved,
             } => {
                 m.serialize_entry("scope", scope)?;
                 m.serialize_entry("fromOpId", from_op_id)?;
                 m.serialize_entry("oldestAvailableOpId", oldest_available_op_id)?;
                 m.serialize_entry("reason", reason)?;
-                m.serialize_entry("reconciledBy", "snapshot")?;
+                m.serialize_entry("reconciledBy", reconciled_by)?;
                 m.serialize_entry("unresolved", unresolved)?;
             }
             Body::DeadLetter { event, reason, raw } => {

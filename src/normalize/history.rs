@@ -365,13 +365,16 @@ pub fn apply_batch(
     Ok((groups, unknown))
 }
 
-/// The notice that a window of history could not be replayed and a snapshot reconciled it.
+/// The notice that a window of history could not be replayed; `reconciled_by` says what
+/// stands in for it (`snapshot`, or `live_diffs` when the live stream lost nothing).
+#[allow(clippy::too_many_arguments)]
 pub fn gap(
     ctx: &Ctx,
     scope: &str,
     from_op_id: u64,
     oldest_available_op_id: Option<u64>,
     reason: &str,
+    reconciled_by: &str,
     unresolved: Vec<String>,
     trace: &TraceContext,
 ) -> Group {
@@ -392,6 +395,7 @@ pub fn gap(
                 from_op_id,
                 oldest_available_op_id,
                 reason: reason.to_string(),
+                reconciled_by: reconciled_by.to_string(),
                 unresolved,
             },
         }],

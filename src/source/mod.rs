@@ -60,8 +60,9 @@ pub enum SourceEvent {
     /// A history catch-up of every scope finished (diffs held for unknown entities can be
     /// tried again).
     CatchUpDone,
-    /// History does not reach back to a scope's delivered position; a snapshot follows, and
-    /// the window is published as a gap record once it is done.
+    /// History does not reach back to a scope's delivered position. The window is published
+    /// as a gap record: after the snapshot that reconciles it, or at once when the live stream
+    /// covered it (`snapshot: false`).
     Gap {
         /// The scope.
         scope: String,
@@ -71,6 +72,10 @@ pub enum SourceEvent {
         oldest_available_op_id: Option<u64>,
         /// Why (`retention`, `history_unavailable ...`, `too_far_behind`).
         reason: String,
+        /// A snapshot follows and the record waits for it; otherwise (a periodic poll outran
+        /// by retention while the live stream lost nothing) the graph is whole and only the
+        /// window's batches are missing from the history stream.
+        snapshot: bool,
     },
     /// A job-event frame, parsed.
     Job {

@@ -281,7 +281,8 @@ enum Job {
 /// What a finished job says.
 enum JobDone {
     Snapshot(SnapshotEnd),
-    History(CatchUpEnd),
+    /// A catch-up's end, and whether it was a periodic poll.
+    History(CatchUpEnd, bool),
 }
 
 /// What a session still has to do, highest priority first in [`Wants::next`].
@@ -508,7 +509,7 @@ impl SynapTaskSource {
                     if matches!(end, CatchUpEnd::Done(_)) {
                         *shared.lock().unwrap_or_else(|e| e.into_inner()) = states;
                     }
-                    Ok(JobDone::History(end))
+                    Ok(JobDone::History(end, poll))
                 }
                 .boxed()
             }
@@ -593,6 +594,8 @@ impl SynapTaskSource {
             tokio::time::interval_at(tokio::time::Instant::now() + ae_every, ae_every);
         anti_entropy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut job: Option<BoxFuture<'static, Result<JobDone, SourceError>>> = None;
+        // Live diffs were lost (or may have been: a new session) since the last catch-up began.
+        let mut diffs_lost = true;
         loop {
             if job.is_none() {
                 let unpositioned = self.unpositioned(&scopes);
@@ -620,7 +623,7 @@ impl SynapTaskSource {
                                 wants.catch_up = true;
                             }
                         }
-                        JobDone::Snapshot(SnapshotEnd::Failed(e)) | JobDone::History(CatchUpEnd::Failed(e)) => match e {
+                        JobDone::Snapshot(SnapshotEnd::Failed(e)) | JobDone::History(CatchUpEnd::Failed(e), _) => match e {
                             ReadError::Shutdown => return Ok(Stop::Shutdown),
                             ReadError::Lost(reason) => return Ok(Stop::Lost(reason)),
                             ReadError::NotImplemented(code) => {
@@ -631,11 +634,14 @@ impl SynapTaskSource {
                                 }
                             }
                         },
-                        JobDone::History(CatchUpEnd::Done(gaps)) => {
+                        JobDone::History(CatchUpEnd::Done(gaps), poll) => {
                             if !gaps.is_empty() {
                                 if gaps.iter().any(|g| g.reason.starts_with("history_unavailable")) {
                                     self.history_off = true;
                                 }
+                                // A poll that retention outran while the live stream lost
+                                // nothing: the graph is whole, only batches are missing.
+                                let snapshot = !poll || diffs_lost;
                                 for g in gaps {
                                     inc(&metrics().gaps_total);
                                     let ev = SourceEvent::Gap {
@@ -643,11 +649,16 @@ impl SynapTaskSource {
                                         from_op_id: g.from_op_id,
                                         oldest_available_op_id: g.oldest_available_op_id,
                                         reason: g.reason,
+                                        snapshot,
                                     };
                                     out.send(ev).await.map_err(|_| SourceError::PipelineClosed)?;
                                 }
-                                wants.snapshot = Some("history does not reach back".into());
-                            } else if !self.snapshot_done {
+                                if snapshot {
+                                    wants.snapshot = Some("history does not reach back".into());
+                                }
+                            }
+                            diffs_lost = false;
+                            if wants.snapshot.is_none() && !self.snapshot_done {
                                 wants.snapshot = Some("first snapshot".into());
                             }
                         }
@@ -661,6 +672,7 @@ impl SynapTaskSource {
                     }
                     Some(Control::CatchUp { reason }) => {
                         tracing::debug!(%reason, "catch-up requested");
+                        diffs_lost = true;
                         if self.history_on() {
                             wants.catch_up = true;
                         } else {
@@ -693,6 +705,7 @@ impl SynapTaskSource {
                     }
                     let dropped = session.take_dropped();
                     if dropped > 0 {
+                        diffs_lost = true;
                         tracing::warn!(dropped, "live diffs were dropped while the pipeline was full; catching up");
                         if self.history_on() {
                             wants.catch_up = true;
