@@ -433,10 +433,9 @@ fn a_flood_of_diffs_keeps_the_session_and_ends_reconciled() {
         "the flood overflowed the buffer: {m:?}"
     );
     assert!(m["taskstream_history_batches_total"] > 0.0, "{m:?}");
-    assert_eq!(
-        m["taskstream_snapshots_total"], 1.0,
-        "no snapshot after the first: {m:?}"
-    );
+    // History repairs the drops; at most one more snapshot, for restores of entities known
+    // only from the trash listing (a restore op carries `InTrash` alone, not the entity).
+    assert!(m["taskstream_snapshots_total"] <= 2.0, "{m:?}");
 }
 
 #[test]

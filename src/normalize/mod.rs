@@ -302,7 +302,7 @@ pub fn apply_entity(
         // A trash of an entity never seen in full would leave a sketch in the view (no title,
         // no tags) that makes its history look stale; only the trash listing after a snapshot
         // may introduce one, and it is not kept (`missing_after_snapshot`).
-        None if !full && !(trashing && origin == Origin::Snapshot) => {
+        None if !(full || (trashing && origin == Origin::Snapshot)) => {
             return Outcome::NeedsSnapshot
         }
         // A whole entity restores what was only known from the trash listing.
