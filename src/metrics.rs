@@ -87,6 +87,10 @@ metrics! {
     counter pending_diffs_dropped_total,
     /// Status transitions published from history that no live diff had shown.
     counter status_from_history_total,
+    /// Reads waiting for the read budget right now (the read scheduler's queue).
+    gauge reads_waiting,
+    /// Milliseconds reads spent waiting for the read budget.
+    counter read_budget_wait_ms_total,
 }
 
 /// The process-wide metrics.

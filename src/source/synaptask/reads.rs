@@ -7,6 +7,7 @@
 //! snapshot or a history catch-up runs before a periodic history poll, which runs before an
 //! anti-entropy snapshot, and a job never waits behind a lower-priority one's reads.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,13 +99,29 @@ impl Reader {
     pub async fn read(&self, event: &'static str, data: Value) -> Result<Value, ReadError> {
         let mut attempts = 0u32;
         loop {
+            let queued = std::time::Instant::now();
+            let mut waited = false;
             loop {
                 let wait = self.budget_wait(event);
                 if wait.is_zero() {
                     break;
                 }
+                if !waited {
+                    waited = true;
+                    metrics().reads_waiting.fetch_add(1, Ordering::Relaxed);
+                }
                 // A little slack over the window, so our clock and the server's never disagree.
-                self.sleep(wait + Duration::from_millis(150)).await?;
+                let slept = self.sleep(wait + Duration::from_millis(150)).await;
+                if slept.is_err() {
+                    metrics().reads_waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+                slept?;
+            }
+            if waited {
+                metrics().reads_waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics()
+                    .read_budget_wait_ms_total
+                    .fetch_add(queued.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
             self.budget
                 .lock()
