@@ -18,24 +18,7 @@ fn tokens() -> String {
 
 /// A connector config writing to `{dir}/records.jsonl`, with its state in `{dir}`.
 fn file_config(sim: &SimProcess, extra_source: &str) -> String {
-    format!(
-        r#"
-[source]
-url = "{url}"
-{extra_source}
-
-[state]
-path = "{{dir}}/state.redb"
-
-[sinks.stdout]
-enabled = true
-path = "{{dir}}/records.jsonl"
-
-[metrics]
-listen = "127.0.0.1:{{metrics}}"
-"#,
-        url = sim.url()
-    )
+    support::file_config(&sim.url(), extra_source)
 }
 
 fn records_path(c: &Connector) -> std::path::PathBuf {

@@ -22,24 +22,7 @@ fn tokens() -> String {
 }
 
 fn config(sim: &SimProcess, extra_source: &str) -> String {
-    format!(
-        r#"
-[source]
-url = "{url}"
-{extra_source}
-
-[state]
-path = "{{dir}}/state.redb"
-
-[sinks.stdout]
-enabled = true
-path = "{{dir}}/records.jsonl"
-
-[metrics]
-listen = "127.0.0.1:{{metrics}}"
-"#,
-        url = sim.url()
-    )
+    support::file_config(&sim.url(), extra_source)
 }
 
 fn records(c: &Connector) -> Vec<Value> {

@@ -418,23 +418,9 @@ pub fn gap(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{ctx, obj, trace};
     use super::*;
     use serde_json::json;
-
-    fn ctx() -> Ctx {
-        Ctx {
-            source: "synaptask://sim/users/u1".into(),
-            now: "2026-01-01T00:00:00Z".into(),
-        }
-    }
-
-    fn obj(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
-    }
-
-    fn trace() -> TraceContext {
-        TraceContext::from_source("c7a81f04b921")
-    }
 
     fn node(id: &str, version: u64, status: i64) -> Map<String, Value> {
         obj(

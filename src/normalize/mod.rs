@@ -639,25 +639,32 @@ pub fn job_frame(
     }
 }
 
+/// Fixtures shared by the normaliser's unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use serde_json::json;
 
-    fn ctx() -> Ctx {
+    pub fn ctx() -> Ctx {
         Ctx {
             source: "synaptask://sim/users/u1".into(),
             now: "2026-01-01T00:00:00Z".into(),
         }
     }
 
-    fn obj(v: Value) -> Map<String, Value> {
+    pub fn obj(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()
     }
 
-    fn trace() -> TraceContext {
+    pub fn trace() -> TraceContext {
         TraceContext::from_source("abcdef012345")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{ctx, obj, trace};
+    use super::*;
+    use serde_json::json;
 
     /// A node exactly as `graph:get` returns it in seed 001.
     fn seed_node() -> Value {

@@ -8,6 +8,28 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// A connector config for the simulator at `url`, writing JSON lines to `{dir}/records.jsonl`,
+/// with its state in `{dir}`; `extra_source` is appended to `[source]`.
+pub fn file_config(url: &str, extra_source: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "{url}"
+{extra_source}
+
+[state]
+path = "{{dir}}/state.redb"
+
+[sinks.stdout]
+enabled = true
+path = "{{dir}}/records.jsonl"
+
+[metrics]
+listen = "127.0.0.1:{{metrics}}"
+"#
+    )
+}
+
 /// A connector process with its own directory (config, state, log, file sink).
 pub struct Connector {
     child: Option<Child>,

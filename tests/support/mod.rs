@@ -14,7 +14,7 @@ mod process;
 mod sim;
 mod tansu;
 
-pub use connector::{read_file_sink, wait_until_matches, Connector, Latest, Seen};
+pub use connector::{file_config, read_file_sink, wait_until_matches, Connector, Latest, Seen};
 pub use nats::Nats;
 pub use sim::{http_json, SimProcess};
 pub use tansu::Tansu;
