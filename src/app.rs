@@ -208,6 +208,8 @@ struct Pipeline {
     recent_status: RecentIds,
     /// History is on: diffs that skip versions wait for it.
     history: bool,
+    /// The branch root of a branch-scoped source: diffs outside it are ignored.
+    scope_root: Option<String>,
     summary: RunSummary,
     max_records: Option<u64>,
 }
@@ -441,6 +443,7 @@ impl Pipeline {
                     &self.ctx,
                     &seen,
                     trash.as_ref(),
+                    self.scope_root.is_some(),
                     &trace,
                 );
                 if self.snapshot_before {
@@ -503,6 +506,12 @@ impl Pipeline {
                                 self.touched.insert(kind.key(id));
                             }
                         }
+                        if let Some(root) = &self.scope_root {
+                            if !normalize::in_scope(&self.view, kind, &entity, root) {
+                                inc(&metrics().outside_scope_total);
+                                continue;
+                            }
+                        }
                         if self.history && normalize::skips_versions(&self.view, kind, &entity) {
                             self.hold(kind, entity, &trace, "a diff skipped versions");
                             continue;
@@ -537,7 +546,8 @@ impl Pipeline {
                             for g in groups {
                                 self.submit(g).await?;
                             }
-                            if unknown > 0 && !self.snapshot_active {
+                            // A branch's history also lists ops on entities outside it.
+                            if unknown > 0 && !self.snapshot_active && self.scope_root.is_none() {
                                 self.ask(Control::Reconcile {
                                     reason: "history changed entities never seen in full".into(),
                                 });
@@ -696,6 +706,7 @@ pub async fn run(
         gaps: Vec::new(),
         recent_status: RecentIds::new(RECENT_STATUS_IDS),
         history: cfg.source.history,
+        scope_root: cfg.source.root.clone(),
         summary: RunSummary::default(),
         max_records: opts.max_records,
     };

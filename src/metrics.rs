@@ -87,6 +87,8 @@ metrics! {
     counter pending_diffs_dropped_total,
     /// Status transitions published from history that no live diff had shown.
     counter status_from_history_total,
+    /// Live diff entries ignored because they are outside the source's branch (`source.root`).
+    counter outside_scope_total,
     /// Reads waiting for the read budget right now (the read scheduler's queue).
     gauge reads_waiting,
     /// Milliseconds reads spent waiting for the read budget.

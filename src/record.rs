@@ -44,6 +44,9 @@ pub enum Change {
     Restored,
     /// Purged.
     Deleted,
+    /// No longer in the source's scope (a branch-scoped source: it left the branch); it still
+    /// exists elsewhere.
+    Left,
 }
 
 impl Change {
@@ -55,6 +58,7 @@ impl Change {
             Change::Trashed => "trashed",
             Change::Restored => "restored",
             Change::Deleted => "deleted",
+            Change::Left => "left",
         }
     }
 }

@@ -401,3 +401,107 @@ fn capped_pages_skip_nothing_and_a_silent_ws_ping_keeps_the_session() {
         "no ws:pong is no reason to replace the session"
     );
 }
+
+#[test]
+fn a_branch_scoped_source_publishes_that_branch_and_nothing_else() {
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "300",
+        "--links",
+        "350",
+        "--rate",
+        "20",
+        "--seed",
+        "37",
+    ]);
+    // The largest branch: the root most nodes can be seen through.
+    let truth = sim.truth_light();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for n in truth["nodes"].as_array().unwrap() {
+        for r in n["shareRoots"].as_array().unwrap() {
+            *counts.entry(r.as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    let (root, size) = counts.into_iter().max_by_key(|(_, c)| *c).unwrap();
+    eprintln!("branch {root} with {size} nodes");
+    // Anti-entropy every few seconds brings in what joins the branch without a diff of its own
+    // (a subtree attached by a new link).
+    let c = Connector::start(
+        &config(
+            &sim,
+            &format!("root = \"{root}\"\nreconcile_interval_secs = 4\nhistory_interval_ms = 2000"),
+        ),
+        TOKEN,
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    sim.pause();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let truth = sim.truth_light();
+        let in_branch = |e: &Value| {
+            e["inTrash"] != true
+                && e["shareRoots"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.as_str() == Some(root.as_str()))
+        };
+        let nodes: HashMap<String, u64> = truth["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| in_branch(n))
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_string(),
+                    n["version"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let latest = support::Latest::from(&read_file_sink(&c.dir().join("records.jsonl")));
+        let mut wrong = Vec::new();
+        for (id, version) in &nodes {
+            match latest.last.get(&format!("node:{id}")) {
+                Some(r) if r["sequence"].as_u64() == Some(*version) && r["after"].is_object() => {}
+                Some(r) => wrong.push(format!(
+                    "node:{id} v{version}: last {} v{}",
+                    r["type"], r["sequence"]
+                )),
+                None => wrong.push(format!("node:{id} v{version}: missing")),
+            }
+        }
+        for (key, r) in &latest.last {
+            let present = r["after"].is_object() && r["after"]["inTrash"] != true;
+            if let Some(id) = key.strip_prefix("node:") {
+                if present && !nodes.contains_key(id) {
+                    wrong.push(format!(
+                        "{key}: outside the branch but present ({})",
+                        r["type"]
+                    ));
+                }
+            }
+        }
+        if wrong.is_empty() {
+            eprintln!(
+                "{} branch nodes published, nothing else present",
+                nodes.len()
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} differences, first: {:#?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let m = c.metrics();
+    assert!(
+        m["taskstream_outside_scope_total"] > 0.0,
+        "diffs outside the branch were ignored: {m:?}"
+    );
+    assert_eq!(sim.truth_light()["counters"]["limitViolations"]["total"], 0);
+}

@@ -482,16 +482,33 @@ pub struct Disappearances {
 /// that disappeared is published as trashed, since that much is certain, and reported as
 /// unresolved. `seen` must hold every key a snapshot page listed and every key a live change
 /// touched while the snapshot was read.
+///
+/// A branch-scoped snapshot (`scoped`) lists only the branch: the user-wide trash listing
+/// counts only for entities the view knows, and a known entity neither listed nor in trash
+/// `left` the branch (it may still exist elsewhere) rather than being deleted.
 pub fn missing_after_snapshot(
     view: &mut View,
     ctx: &Ctx,
     seen: &HashSet<String>,
     trash: Option<&HashMap<String, Map<String, Value>>>,
+    scoped: bool,
     trace: &TraceContext,
 ) -> Disappearances {
     let empty = HashMap::new();
     let listing = trash.is_some();
-    let trash = trash.unwrap_or(&empty);
+    let scoped_trash: HashMap<String, Map<String, Value>>;
+    let trash = match trash {
+        Some(t) if scoped => {
+            scoped_trash = t
+                .iter()
+                .filter(|(k, _)| view.entities.contains_key(*k) || view.sketches.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            &scoped_trash
+        }
+        Some(t) => t,
+        None => &empty,
+    };
     let mut out = Disappearances::default();
     let mut trashed: Vec<&String> = trash.keys().filter(|k| !seen.contains(*k)).collect();
     trashed.sort();
@@ -546,6 +563,12 @@ pub fn missing_after_snapshot(
         let Some((kind, id)) = split_key(&key) else {
             continue;
         };
+        if scoped {
+            if let Some(g) = left_scope(view, ctx, kind, id, trace) {
+                out.groups.push(g);
+            }
+            continue;
+        }
         let mut entry = Map::new();
         entry.insert("id".into(), Value::String(id.to_string()));
         if listing {
@@ -562,6 +585,62 @@ pub fn missing_after_snapshot(
         }
     }
     out
+}
+
+/// A known entity that is no longer in the source's scope: a `left` record with the last state
+/// as `before`, and a tombstone, so a compacted topic holds the scope's content. Unlike a
+/// purge it is not remembered as deleted: it may come back at any version.
+fn left_scope(
+    view: &mut View,
+    ctx: &Ctx,
+    kind: EntityKind,
+    id: &str,
+    trace: &TraceContext,
+) -> Option<Group> {
+    let key = kind.key(id);
+    let known = view
+        .entities
+        .remove(&key)
+        .or_else(|| view.sketches.remove(&key))?;
+    let record = entity_record(
+        ctx,
+        kind,
+        id,
+        known.version,
+        Change::Left,
+        Some(known.state),
+        None,
+        Origin::Snapshot,
+        trace,
+    );
+    Some(Group {
+        records: vec![Record {
+            // The version did not change; the id says what happened to it.
+            id: format!("{}:left", record.id),
+            ..record
+        }],
+        tombstone: Some((kind, id.to_string())),
+        ops: vec![CheckpointOp::Remove { key }],
+    })
+}
+
+/// Whether a diff entry belongs to a source scoped to the branch under `root`: the root itself,
+/// an entry whose `shareRoots` names the root, or (for partial entries, which carry no
+/// `shareRoots`) an entity already known in the branch.
+pub fn in_scope(view: &View, kind: EntityKind, entry: &Map<String, Value>, root: &str) -> bool {
+    let Some(id) = entry.get("id").and_then(Value::as_str) else {
+        return true; // left to `apply_entity`, which dead-letters it
+    };
+    if id == root {
+        return true;
+    }
+    match entry.get("shareRoots").and_then(Value::as_array) {
+        Some(roots) => roots.iter().any(|r| r.as_str() == Some(root)),
+        None => {
+            let key = kind.key(id);
+            view.entities.contains_key(&key) || view.sketches.contains_key(&key)
+        }
+    }
 }
 
 fn split_key(key: &str) -> Option<(EntityKind, &str)> {
@@ -954,14 +1033,20 @@ mod tests {
         let seen = HashSet::new();
         // No listing: a trashed entity cannot be judged.
         assert!(
-            missing_after_snapshot(&mut view.clone(), &ctx(), &seen, None, &trace())
+            missing_after_snapshot(&mut view.clone(), &ctx(), &seen, None, false, &trace())
                 .groups
                 .is_empty()
         );
         // A listing without it: it was purged.
-        let groups =
-            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&HashMap::new()), &trace())
-                .groups;
+        let groups = missing_after_snapshot(
+            &mut view,
+            &ctx(),
+            &seen,
+            Some(&HashMap::new()),
+            false,
+            &trace(),
+        )
+        .groups;
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].records[0].id, "node:t:6");
         assert_eq!(groups[0].records[0].event_type(), "synaptask.node.deleted");
@@ -994,7 +1079,7 @@ mod tests {
         )]
         .into();
         let groups =
-            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&trash), &trace()).groups;
+            missing_after_snapshot(&mut view, &ctx(), &seen, Some(&trash), false, &trace()).groups;
         let types: Vec<(String, String)> = groups
             .iter()
             .map(|g| (g.records[0].id.clone(), g.records[0].event_type()))
@@ -1026,7 +1111,7 @@ mod tests {
             ));
         }
         let seen: HashSet<String> = ["node:a".to_string()].into();
-        let d = missing_after_snapshot(&mut view, &ctx(), &seen, None, &trace());
+        let d = missing_after_snapshot(&mut view, &ctx(), &seen, None, false, &trace());
         assert_eq!(d.unresolved, ["node:b"]);
         assert_eq!(d.groups.len(), 1);
         assert_eq!(
@@ -1070,10 +1155,24 @@ mod tests {
         .into();
         // The restore's key counts as seen (touched while the snapshot was read) ...
         let seen: HashSet<String> = ["node:r".to_string()].into();
-        let d = missing_after_snapshot(&mut view.clone(), &ctx(), &seen, Some(&trash), &trace());
+        let d = missing_after_snapshot(
+            &mut view.clone(),
+            &ctx(),
+            &seen,
+            Some(&trash),
+            false,
+            &trace(),
+        );
         assert!(d.groups.is_empty(), "{:?}", d.groups);
         // ... and even unseen, a listed version the view passed publishes nothing.
-        let d = missing_after_snapshot(&mut view, &ctx(), &HashSet::new(), Some(&trash), &trace());
+        let d = missing_after_snapshot(
+            &mut view,
+            &ctx(),
+            &HashSet::new(),
+            Some(&trash),
+            false,
+            &trace(),
+        );
         assert!(d.groups.is_empty(), "{:?}", d.groups);
         assert_eq!(view.get("node:r").unwrap().version, 6);
     }
@@ -1148,7 +1247,14 @@ mod tests {
             ),
         )]
         .into();
-        let d = missing_after_snapshot(&mut view, &ctx(), &HashSet::new(), Some(&trash), &trace());
+        let d = missing_after_snapshot(
+            &mut view,
+            &ctx(),
+            &HashSet::new(),
+            Some(&trash),
+            false,
+            &trace(),
+        );
         assert_eq!(
             d.groups[0].records[0].event_type(),
             "synaptask.node.trashed"
@@ -1195,5 +1301,97 @@ mod tests {
         ));
         assert_eq!(g.records[0].id, "node:s:5");
         assert!(g.tombstone.is_some());
+    }
+
+    #[test]
+    fn a_branch_scoped_snapshot_says_left_not_deleted_and_ignores_other_trash() {
+        let mut view = View::default();
+        for id in ["root", "in", "out"] {
+            let mut n = obj(seed_node());
+            n.insert("id".into(), json!(id));
+            n.insert("version".into(), json!(2));
+            changed(apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Node,
+                &n,
+                Origin::Snapshot,
+                &trace(),
+            ));
+        }
+        let seen: HashSet<String> = ["node:root".to_string(), "node:in".to_string()].into();
+        // The user-wide listing has an entity of another branch: not ours to publish.
+        let trash: HashMap<String, Map<String, Value>> = [(
+            "node:elsewhere".to_string(),
+            obj(json!({"id": "elsewhere", "title": "t", "status": 0, "inTrash": true, "version": 3})),
+        )]
+        .into();
+        let d = missing_after_snapshot(&mut view, &ctx(), &seen, Some(&trash), true, &trace());
+        assert_eq!(d.groups.len(), 1, "{:?}", d.groups);
+        let r = d.groups[0].records[0].to_json();
+        assert_eq!(r["type"], "synaptask.node.left");
+        assert_eq!(r["id"], "node:out:2:left");
+        assert_eq!(r["after"], Value::Null);
+        assert!(d.groups[0].tombstone.is_some());
+        assert!(view.get("node:out").is_none() && view.get("node:elsewhere").is_none());
+        // It may come back, at any version.
+        let mut back = obj(seed_node());
+        back.insert("id".into(), json!("out"));
+        back.insert("version".into(), json!(2));
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &back,
+            Origin::Snapshot,
+            &trace(),
+        ));
+        assert_eq!(g.records[0].event_type(), "synaptask.node.created");
+    }
+
+    #[test]
+    fn diff_entries_in_and_out_of_a_branch() {
+        let mut view = View::default();
+        let mut n = obj(seed_node());
+        n.insert("id".into(), json!("known"));
+        changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &n,
+            Origin::Snapshot,
+            &trace(),
+        ));
+        let e = |v: Value| obj(v);
+        assert!(in_scope(
+            &view,
+            EntityKind::Node,
+            &e(json!({"id": "r"})),
+            "r"
+        ));
+        assert!(in_scope(
+            &view,
+            EntityKind::Node,
+            &e(json!({"id": "x", "shareRoots": ["a", "r"]})),
+            "r"
+        ));
+        assert!(!in_scope(
+            &view,
+            EntityKind::Node,
+            &e(json!({"id": "x", "shareRoots": ["a"]})),
+            "r"
+        ));
+        assert!(in_scope(
+            &view,
+            EntityKind::Node,
+            &e(json!({"id": "known", "title": "t"})),
+            "r"
+        ));
+        assert!(!in_scope(
+            &view,
+            EntityKind::Node,
+            &e(json!({"id": "unknown", "title": "t"})),
+            "r"
+        ));
     }
 }

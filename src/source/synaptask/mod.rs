@@ -94,6 +94,11 @@ pub struct SynapTaskConfig {
     pub diff_buffer: usize,
     /// List the trash after a snapshot, to tell trashed from deleted entities that disappeared.
     pub trash_listing: bool,
+    /// Limit the source to one branch: its root node id, or a public token. Snapshots page
+    /// `branch:get`, history follows the root's `GRAPH` scope (instead of the `USER` scope;
+    /// with a public token there is no history scope, so gaps are reconciled with snapshots),
+    /// diffs outside the branch are ignored, and an entity that leaves it gets a `left` record.
+    pub root: Option<String>,
     /// Replay and poll `history:page` (off: every gap is reconciled with a snapshot).
     pub history: bool,
     /// Follow the caller's own history (`USER` scope, the uid from the `connected` event).
@@ -136,6 +141,7 @@ impl Default for SynapTaskConfig {
             heartbeat_timeout_ms: 45_000,
             diff_buffer: 10_000,
             trash_listing: true,
+            root: None,
             history: true,
             history_user_scope: true,
             history_roots: Vec::new(),
@@ -368,7 +374,15 @@ impl SynapTaskSource {
     /// The history scopes of a session of `uid`.
     fn scopes(&self, uid: &str) -> Vec<Scope> {
         let mut out = Vec::new();
-        if self.cfg.history_user_scope && !uid.is_empty() {
+        if let Some(root) = &self.cfg.root {
+            // GRAPH scope takes a node id (facts §9.2); a public token has no history scope.
+            if uuid::Uuid::parse_str(root).is_ok() {
+                out.push(Scope {
+                    kind: "GRAPH",
+                    id: root.clone(),
+                });
+            }
+        } else if self.cfg.history_user_scope && !uid.is_empty() {
             out.push(Scope {
                 kind: "USER",
                 id: uid.to_string(),
@@ -561,6 +575,10 @@ impl SynapTaskSource {
         shutdown: &CancellationToken,
     ) -> Result<Stop, SourceError> {
         let scopes = self.scopes(uid);
+        if scopes.is_empty() && self.cfg.history && !self.history_off {
+            tracing::warn!("no history scope to follow (a branch given by public token, or every scope off); gaps will be reconciled with snapshots");
+            self.history_off = true;
+        }
         let mut wants = Wants::default();
         // Diffs sent while we were away are gone: history brings them back where it can, a
         // snapshot where it cannot.

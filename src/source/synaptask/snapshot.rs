@@ -1,4 +1,5 @@
-//! The snapshot job: pages `graph:get` under the read budget, sending each page on at once, then
+//! The snapshot job: pages `graph:get` (or `branch:get` for a branch-scoped source) under the
+//! read budget, sending each page on at once, then
 //! lists the trash (`trash:page`) so the pipeline can tell trashed from purged entities. Live
 //! diffs keep flowing beside it (the session loop forwards them), so a long snapshot never
 //! overflows the diff buffer.
@@ -41,12 +42,18 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
     let mut seen = HashSet::new();
     let mut trace;
     let mut pages = 0u32;
+    // A branch-scoped source pages its branch; `branch:get` takes the same paging.
+    let (event, root) = match &r.cfg.root {
+        Some(root) => ("branch:get", Some(root.clone())),
+        None => ("graph:get", None),
+    };
     r.send(SourceEvent::SnapshotStart).await?;
     loop {
-        let ack = match r
-            .read("graph:get", json!({"limit": limit, "offset": offset}))
-            .await
-        {
+        let mut request = json!({"limit": limit, "offset": offset});
+        if let Some(root) = &root {
+            request["root"] = json!(root);
+        }
+        let ack = match r.read(event, request).await {
             Ok(ack) => ack,
             Err(e) => return Ok(SnapshotEnd::Failed(e)),
         };
@@ -55,7 +62,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
             .get("trace_id")
             .and_then(Value::as_str)
             .map_or_else(TraceContext::new_root, TraceContext::from_source);
-        let items = r.page_items("graph:get", &ack).await?;
+        let items = r.page_items(event, &ack).await?;
         let returned = items.len() as u64;
         seen.extend(
             items
@@ -74,7 +81,8 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         if returned == 0 {
             tracing::warn!(
                 offset,
-                "graph:get said hasMore with an empty page; ending the snapshot there"
+                event,
+                "a page said hasMore but was empty; ending the snapshot there"
             );
             break;
         }
