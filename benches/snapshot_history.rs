@@ -157,16 +157,9 @@ fn main() {
         cfg.source.history_start = taskstream::source::synaptask::HistoryStart::Earliest;
         let before = counter(&metrics().history_batches_total);
         let app_stop = stop.child_token();
-        let app_task = tokio::spawn(app::run(cfg, RunOptions::default(), app_stop.clone()));
-        // The first snapshot comes first; the catch-up right after it replays everything.
-        let snaps = counter(&metrics().snapshots_total);
-        wait_for(
-            "the snapshot",
-            || counter(&metrics().snapshots_total) > snaps,
-            Duration::from_secs(600),
-        )
-        .await;
+        // A scope starting at the earliest batch is replayed first, before the first snapshot.
         let start = Instant::now();
+        let app_task = tokio::spawn(app::run(cfg, RunOptions::default(), app_stop.clone()));
         // The count moves once, when the scope's catch-up has sent every batch on.
         wait_for(
             "the catch-up",

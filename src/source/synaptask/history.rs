@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Map, Value};
 
 use super::reads::{ReadError, Reader};
+use super::HistoryStart;
 use crate::metrics::{inc, metrics};
 use crate::normalize::history::max_op_id;
 use crate::record::TraceContext;
@@ -310,10 +311,15 @@ pub async fn run(
     for scope in scopes {
         let st = states.entry(scope.key()).or_default();
         if st.cursor.is_none() {
-            if let Err(e) = probe_head(r, scope, st).await {
-                return Ok(CatchUpEnd::Failed(e));
+            if r.cfg.history_start == HistoryStart::Earliest {
+                // Everything history still serves is replayed.
+                st.cursor = Some(0);
+            } else {
+                if let Err(e) = probe_head(r, scope, st).await {
+                    return Ok(CatchUpEnd::Failed(e));
+                }
+                continue;
             }
-            continue;
         }
         match catch_up_scope(r, scope, st, first_limit).await? {
             Ok(None) => {}

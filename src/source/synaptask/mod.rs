@@ -411,13 +411,6 @@ impl SynapTaskSource {
         mut control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
-        if self.cfg.history_start == HistoryStart::Earliest {
-            // A scope never seen starts at op 0: everything retained is replayed.
-            let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
-            for s in self.scopes("") {
-                states.entry(s.key()).or_default().cursor.get_or_insert(0);
-            }
-        }
         let mut connects: SlidingWindow<()> =
             SlidingWindow::new(self.cfg.connects_per_minute, Duration::from_secs(60));
         // Outlives sessions: the server's read windows do not restart when we reconnect.
