@@ -186,6 +186,17 @@ impl SynapTaskConfig {
         Ok(())
     }
 
+    /// Exponential backoff with full jitter after `failures` failures: a random delay below a
+    /// bound that doubles from `backoff_initial_ms` up to `backoff_max_ms`.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let cap = self
+            .backoff_initial_ms
+            .saturating_mul(1u64 << failures.min(20))
+            .min(self.backoff_max_ms)
+            .max(1);
+        Duration::from_millis(rand::thread_rng().gen_range(0..=cap))
+    }
+
     /// The Engine.IO URL: server URL plus the Socket.IO path.
     pub fn endpoint(&self) -> String {
         format!(
@@ -358,13 +369,7 @@ impl SynapTaskSource {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        let cap = self
-            .cfg
-            .backoff_initial_ms
-            .saturating_mul(1u64 << failures.min(20))
-            .min(self.cfg.backoff_max_ms)
-            .max(1);
-        Duration::from_millis(rand::thread_rng().gen_range(0..=cap))
+        self.cfg.backoff(failures)
     }
 
     fn history_on(&self) -> bool {

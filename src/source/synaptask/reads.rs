@@ -77,16 +77,6 @@ impl Reader {
             .wait_time(&event)
     }
 
-    fn backoff(&self, attempts: u32) -> Duration {
-        let cap = self
-            .cfg
-            .backoff_initial_ms
-            .saturating_mul(1u64 << attempts.min(20))
-            .min(self.cfg.backoff_max_ms)
-            .max(1);
-        Duration::from_millis(rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap))
-    }
-
     async fn sleep(&self, d: Duration) -> Result<(), ReadError> {
         tokio::select! {
             _ = self.shutdown.cancelled() => Err(ReadError::Shutdown),
@@ -164,7 +154,7 @@ impl Reader {
                     if attempts >= 3 {
                         return Err(ReadError::Lost(format!("{event} keeps failing: {code}")));
                     }
-                    self.sleep(self.backoff(attempts)).await?;
+                    self.sleep(self.cfg.backoff(attempts)).await?;
                 }
                 Err(CallError::Timeout(_)) => {
                     attempts += 1;
