@@ -505,3 +505,39 @@ fn a_branch_scoped_source_publishes_that_branch_and_nothing_else() {
     );
     assert_eq!(sim.truth_light()["counters"]["limitViolations"]["total"], 0);
 }
+
+#[test]
+fn history_start_earliest_replays_every_retained_batch() {
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "200",
+        "--links",
+        "200",
+        "--rate",
+        "20",
+        "--seed",
+        "38",
+    ]);
+    // Some history before the connector first connects.
+    std::thread::sleep(Duration::from_secs(2));
+    let c = Connector::start(
+        &config(
+            &sim,
+            "history_start = \"earliest\"\nhistory_interval_ms = 2000",
+        ),
+        TOKEN,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    sim.pause();
+    wait_until_matches(&sim, UID, Duration::from_secs(40), || {
+        read_file_sink(&c.dir().join("records.jsonl"))
+    });
+    // From op 0: every batch the simulator ever wrote.
+    wait_history_complete(&sim, &c, 0, Duration::from_secs(40));
+    assert!(
+        !c.log().contains("history positioned at its head"),
+        "earliest does not probe the head"
+    );
+}

@@ -149,7 +149,8 @@ async fn catch_up_scope(
     let key = scope.key();
     let mut collected: Vec<(u64, Map<String, Value>)> = Vec::new();
     let mut ids: HashSet<String> = HashSet::new();
-    let mut reached = cursor == 0;
+    // A batch at or below the position was seen: history reaches back to it.
+    let mut reached = false;
     let mut oldest: Option<u64> = None;
     let mut offset = if st.order == Some(Order::OldestFirst) {
         st.resume.saturating_sub(1)
@@ -287,7 +288,8 @@ async fn catch_up_scope(
     if count > 0 {
         tracing::debug!(scope = %key, batches = count, pages, "history caught up");
     }
-    if reached {
+    // From op 0 there is nothing to reach back to: whatever is retained is the whole of it.
+    if reached || cursor == 0 {
         return Ok(Ok(None));
     }
     Ok(Ok(Some(Gap {
