@@ -275,9 +275,16 @@ impl Record {
             Body::HistoryBatch { .. } => "batch".to_string(),
             Body::Gap { .. } => "gap".to_string(),
             Body::DeadLetter { .. } => "dead_letter".to_string(),
+            // It ends a NATS subject: anything but a plain word would make the subject invalid.
             Body::Job { frame, .. } => frame
                 .get("type")
                 .and_then(Value::as_str)
+                .filter(|t| {
+                    !t.is_empty()
+                        && t.len() <= 64
+                        && t.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                })
                 .unwrap_or("unknown")
                 .to_string(),
         }
@@ -385,6 +392,31 @@ impl serde::Serialize for Record {
     }
 }
 
+/// Whether a server-given identifier can stand in record ids, keys and message headers as it
+/// is: 1 to 256 visible ASCII characters. Ids of the API are UUIDs; anything else that is not
+/// such a token (CR/LF, spaces, control bytes, megabytes) is input to dead-letter, not to
+/// publish, since a broker refuses it in a header and would stop the stream.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A header value brokers accept whatever the input: control bytes (CR, LF, NUL, ...) are
+/// written as `%XX`. A last line of defence: ids are checked with [`is_token`] before.
+pub fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.bytes().any(|b| b.is_ascii_control()) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_ascii_control() {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A stable 64-bit FNV-1a hash, for ids of records that have no version (dead letters).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -416,6 +448,17 @@ mod tests {
         assert_eq!(t.trace_id.len(), 32);
         assert!(t.traceparent.contains(&t.trace_id));
         assert_ne!(TraceContext::new_root().trace_id, t.trace_id);
+    }
+
+    #[test]
+    fn tokens_and_header_values() {
+        assert!(is_token("d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54"));
+        assert!(!is_token("a\r\nb"));
+        assert!(!is_token("a b"));
+        assert!(!is_token(""));
+        assert!(!is_token(&"x".repeat(257)));
+        assert_eq!(header_safe("2026-01-01T00:00:00Z"), "2026-01-01T00:00:00Z");
+        assert_eq!(header_safe("a\r\nb\0"), "a%0D%0Ab%00");
     }
 
     #[test]

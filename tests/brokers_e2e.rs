@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{wait_until_matches, Connector, Nats, Seen, SimProcess, Tansu};
 
 const TOKEN: &str = "st_brokers_e2e_0a1b2c3d4e5f";
@@ -440,6 +440,55 @@ fn nats_core_mode_delivers_to_subscribers() {
     assert!(
         got >= 110,
         "core subscribers got the snapshot: {got}\n{}",
+        c.log()
+    );
+}
+
+#[test]
+fn ids_with_line_breaks_become_dead_letters_and_jetstream_goes_on() {
+    // A node id with CR/LF once reached a NATS header and stopped the process (issue 8, item 6).
+    let rt = runtime();
+    let nats = rt.block_on(Nats::start());
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "100",
+        "--links",
+        "120",
+        "--rate",
+        "20",
+        "--seed",
+        "39",
+    ]);
+    let mut c = Connector::start(&nats_config(&sim, &nats.url(), "jetstream"), TOKEN);
+    std::thread::sleep(Duration::from_secs(2));
+    for data in [
+        json!({"nodes": [{"id": "bad\r\nid", "title": "t", "status": 0, "version": 1,
+                          "createdTime": "2026-01-01T00:00:00Z"}], "links": []}),
+        json!({"nodes": [], "links": [{"id": "x y", "source": "a", "target": "b", "version": 1}]}),
+    ] {
+        sim.post(
+            "/admin/emit",
+            Some(&json!({"event": "graph:diff", "data": data})),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    sim.pause();
+    let url = nats.url();
+    let read = || {
+        let rt = runtime();
+        rt.block_on(read_jetstream(&url))
+    };
+    let (latest, _) = wait_until_matches(&sim, UID, Duration::from_secs(60), read);
+    assert!(
+        latest.dead_letters.len() >= 2,
+        "dead letters: {:#?}",
+        latest.dead_letters
+    );
+    assert!(
+        c.wait_exit(Duration::from_millis(200)).is_none(),
+        "the connector is still running:\n{}",
         c.log()
     );
 }

@@ -7,7 +7,7 @@ pub mod json;
 use std::sync::Arc;
 
 use crate::normalize::Group;
-use crate::record::{Body, EntityKind, Record};
+use crate::record::{header_safe, Body, EntityKind, Record};
 use crate::sink::{Message, Route};
 
 /// Why a record could not be encoded (fatal: a bug or a schema mismatch, never input data).
@@ -45,18 +45,24 @@ fn route_of(record: &Record) -> Route {
     }
 }
 
+/// The record's headers. Several values come from the server (ids, times, the uid in the
+/// source); a control byte in any of them would make a broker refuse the message and stop the
+/// stream, so every value is made header-safe.
 fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
-    vec![
-        ("ce_specversion".into(), "1.0".into()),
-        ("ce_id".into(), record.id.clone()),
-        ("ce_type".into(), record.event_type()),
-        ("ce_source".into(), record.source.clone()),
-        ("ce_subject".into(), record.subject.clone()),
-        ("ce_time".into(), record.time.clone()),
-        ("content-type".into(), content_type.to_string()),
-        ("trace_id".into(), record.trace.trace_id.clone()),
-        ("traceparent".into(), record.trace.traceparent.clone()),
+    [
+        ("ce_specversion", "1.0".to_string()),
+        ("ce_id", record.id.clone()),
+        ("ce_type", record.event_type()),
+        ("ce_source", record.source.clone()),
+        ("ce_subject", record.subject.clone()),
+        ("ce_time", record.time.clone()),
+        ("content-type", content_type.to_string()),
+        ("trace_id", record.trace.trace_id.clone()),
+        ("traceparent", record.trace.traceparent.clone()),
     ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), header_safe(&v).into_owned()))
+    .collect()
 }
 
 /// The messages of one group, in publish order: each record, then the delete's tombstone.
@@ -66,7 +72,7 @@ pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Messa
         out.push(Arc::new(Message {
             route: route_of(record),
             event: record.event_name(),
-            id: record.id.clone(),
+            id: header_safe(&record.id).into_owned(),
             key: record.key().to_string(),
             payload: Some(encoder.encode(record)?),
             headers: headers(record, encoder.content_type()),

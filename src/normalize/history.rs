@@ -223,6 +223,9 @@ pub fn apply_batch(
     let Some(batch_id) = batch.get("batchId").and_then(Value::as_str) else {
         return Err("history batch without a string batchId".into());
     };
+    if !crate::record::is_token(batch_id) {
+        return Err("history batch id is not an identifier".into());
+    }
     let ops: Vec<Map<String, Value>> = match batch.get("ops") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => {

@@ -147,6 +147,8 @@ fn time_of(state: Option<&Map<String, Value>>, ctx: &Ctx) -> String {
     state
         .and_then(|s| s.get("lastEditedTime"))
         .and_then(Value::as_str)
+        // A time is a short token; anything else is not worth carrying into a header.
+        .filter(|t| crate::record::is_token(t))
         .map(str::to_string)
         .unwrap_or_else(|| ctx.now.clone())
 }
@@ -244,6 +246,13 @@ pub fn apply_entity(
     let Some(id) = entry.get("id").and_then(Value::as_str) else {
         return Outcome::Invalid("entry without a string id".into());
     };
+    if !crate::record::is_token(id) {
+        return Outcome::Invalid(format!(
+            "{} id is not an identifier ({} bytes, control characters or spaces)",
+            kind.as_str(),
+            id.len()
+        ));
+    }
     let key = kind.key(id);
     let known = view.entities.get(&key);
     let sketch = if known.is_none() {
@@ -1393,5 +1402,40 @@ mod tests {
             &e(json!({"id": "unknown", "title": "t"})),
             "r"
         ));
+    }
+
+    #[test]
+    fn ids_that_cannot_be_published_are_invalid_not_fatal() {
+        let mut view = View::default();
+        for id in ["a\r\nb", "with space", ""] {
+            let mut n = obj(seed_node());
+            n.insert("id".into(), json!(id));
+            assert!(matches!(
+                apply_entity(
+                    &mut view,
+                    &ctx(),
+                    EntityKind::Node,
+                    &n,
+                    Origin::Diff,
+                    &trace()
+                ),
+                Outcome::Invalid(_)
+            ));
+        }
+        let mut n = obj(seed_node());
+        n.insert("lastEditedTime".into(), json!("2026-01-01\r\nX: y"));
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &n,
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(
+            g.records[0].time,
+            ctx().now,
+            "a time that is no token is not carried"
+        );
     }
 }
