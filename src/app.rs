@@ -308,24 +308,30 @@ impl Pipeline {
     }
 
     /// Tries the held diffs again, in arrival order. What is still unknown after a snapshot was
-    /// purged since (stale); after a catch-up, only a snapshot can tell. A diff held for
-    /// skipped versions is applied now whatever history brought (usually it is stale by now).
+    /// purged since (stale); after a catch-up, only a snapshot can tell. A diff that still
+    /// skips versions is never merged: it waits for up to two catch-ups, then a snapshot.
     async fn retry_held(&mut self, after_snapshot: bool) -> Result<(), AppError> {
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
         tracing::debug!(held = held.len(), after_snapshot, "retrying held diffs");
-        let (mut unknown, mut skipping) = (0usize, 0usize);
+        let (mut unknown, mut skipping, mut given_up) = (0usize, 0usize, 0usize);
         for mut h in held {
-            h.tries += 1;
-            // A catch-up that was already paging when the diff was held may not have had the
-            // versions it skips: one more catch-up before giving up on history.
-            if !after_snapshot
-                && h.tries < 2
-                && normalize::skips_versions(&self.view, h.kind, &h.entity)
-            {
-                skipping += 1;
-                self.held_bytes += h.bytes;
-                self.held.push_back(h);
+            if !after_snapshot {
+                h.tries += 1;
+            }
+            if normalize::skips_versions(&self.view, h.kind, &h.entity) {
+                // Merged now, it would leave the skipped change's fields stale under its
+                // version. A catch-up that was already paging when the diff was held may not
+                // have had those versions (and a snapshot only brings what it paged): wait for
+                // one more catch-up; after that only a snapshot can tell, and it will.
+                if h.tries < 2 {
+                    skipping += 1;
+                    self.held_bytes += h.bytes;
+                    self.held.push_back(h);
+                } else {
+                    given_up += 1;
+                    inc(&metrics().stale_changes_total);
+                }
                 continue;
             }
             let o = normalize::apply_entity(
@@ -360,9 +366,11 @@ impl Pipeline {
         metrics()
             .pending_diffs
             .store(self.held.len() as i64, std::sync::atomic::Ordering::Relaxed);
-        if unknown > 0 {
+        if unknown > 0 || given_up > 0 {
             self.ask(Control::Reconcile {
-                reason: format!("{unknown} diffs changed entities history did not bring"),
+                reason: format!(
+                    "history did not bring {unknown} entities and the versions {given_up} diffs skipped"
+                ),
             });
         } else if skipping > 0 {
             self.ask(Control::CatchUp {
