@@ -291,8 +291,7 @@ impl Pipeline {
             self.held_bytes -= old.bytes;
             inc(&metrics().pending_diffs_dropped_total);
         }
-        self.held_bytes += bytes;
-        self.held.push_back(Held {
+        self.keep_held(Held {
             kind,
             entity,
             trace: trace.clone(),
@@ -305,6 +304,11 @@ impl Pipeline {
         if !self.snapshot_active {
             self.ask(Control::CatchUp { reason: why.into() });
         }
+    }
+
+    fn keep_held(&mut self, h: Held) {
+        self.held_bytes += h.bytes;
+        self.held.push_back(h);
     }
 
     /// Tries the held diffs again, in arrival order. What is still unknown after a snapshot was
@@ -326,8 +330,7 @@ impl Pipeline {
                 // one more catch-up; after that only a snapshot can tell, and it will.
                 if h.tries < 2 {
                     skipping += 1;
-                    self.held_bytes += h.bytes;
-                    self.held.push_back(h);
+                    self.keep_held(h);
                 } else {
                     given_up += 1;
                     inc(&metrics().stale_changes_total);
@@ -348,13 +351,11 @@ impl Pipeline {
                 }
                 Outcome::NeedsSnapshot if h.tries < 2 => {
                     skipping += 1;
-                    self.held_bytes += h.bytes;
-                    self.held.push_back(h);
+                    self.keep_held(h);
                 }
                 Outcome::NeedsSnapshot => {
                     unknown += 1;
-                    self.held_bytes += h.bytes;
-                    self.held.push_back(h);
+                    self.keep_held(h);
                 }
                 o => {
                     let entity = h.entity;

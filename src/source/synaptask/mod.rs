@@ -475,7 +475,7 @@ impl SynapTaskSource {
                 shutdown.clone(),
             );
             let stop = self
-                .serve(&mut session, &uid, &reader, &out, &mut control, &shutdown)
+                .serve(&mut session, &uid, &reader, &mut control)
                 .await?;
             session.close().await;
             match stop {
@@ -529,11 +529,7 @@ impl SynapTaskSource {
     }
 
     /// Forwards one thing the session's callbacks saw; `Some(stop)` when the session ended.
-    async fn forward(
-        &self,
-        m: Option<Inbound>,
-        out: &mpsc::Sender<SourceEvent>,
-    ) -> Result<Option<Stop>, SourceError> {
+    async fn forward(&self, m: Option<Inbound>, r: &Reader) -> Result<Option<Stop>, SourceError> {
         let ev = match m {
             None => return Ok(Some(Stop::Lost("session channels closed".into()))),
             Some(Inbound::Closed(reason)) => return Ok(Some(Stop::Lost(reason))),
@@ -555,22 +551,18 @@ impl SynapTaskSource {
             }
             Some(_) => return Ok(None),
         };
-        out.send(ev)
-            .await
-            .map_err(|_| SourceError::PipelineClosed)?;
+        r.send(ev).await?;
         Ok(None)
     }
 
     /// The live stream with one read job at a time beside it, until the session is lost or
-    /// shutdown.
+    /// shutdown. The reader carries the pipeline's sender and the shutdown token.
     async fn serve(
         &mut self,
         session: &mut Session,
         uid: &str,
         reader: &Reader,
-        out: &mpsc::Sender<SourceEvent>,
         control: &mut mpsc::Receiver<Control>,
-        shutdown: &CancellationToken,
     ) -> Result<Stop, SourceError> {
         let scopes = self.scopes(uid);
         if scopes.is_empty() && self.cfg.history && !self.history_off {
@@ -620,7 +612,7 @@ impl SynapTaskSource {
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(Stop::Shutdown),
+                _ = reader.shutdown.cancelled() => return Ok(Stop::Shutdown),
                 done = async { match job.as_mut() { Some(j) => j.await, None => std::future::pending().await } }, if job.is_some() => {
                     job = None;
                     match done? {
@@ -628,11 +620,11 @@ impl SynapTaskSource {
                             // Diffs that arrived before the last ack go first: the pipeline
                             // judges disappearances with them applied.
                             while let Some(m) = session.try_next_diff() {
-                                if let Some(stop) = self.forward(Some(m), out).await? {
+                                if let Some(stop) = self.forward(Some(m), reader).await? {
                                     return Ok(stop);
                                 }
                             }
-                            out.send(ev).await.map_err(|_| SourceError::PipelineClosed)?;
+                            reader.send(ev).await?;
                             self.snapshot_done = true;
                             if self.history_on() {
                                 // Covers what changed while the snapshot was read.
@@ -667,7 +659,7 @@ impl SynapTaskSource {
                                         reason: g.reason,
                                         snapshot,
                                     };
-                                    out.send(ev).await.map_err(|_| SourceError::PipelineClosed)?;
+                                    reader.send(ev).await?;
                                 }
                                 if snapshot {
                                     wants.snapshot = Some("history does not reach back".into());
@@ -716,7 +708,7 @@ impl SynapTaskSource {
                     if matches!(m, Some(Inbound::Pong)) {
                         pong_seen = true;
                     }
-                    if let Some(stop) = self.forward(m, out).await? {
+                    if let Some(stop) = self.forward(m, reader).await? {
                         return Ok(stop);
                     }
                     let dropped = session.take_dropped();
