@@ -24,7 +24,7 @@ use crate::sink::kafka::KafkaSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::stdout::StdoutSink;
 use crate::sink::{Sink, SinkError};
-use crate::source::jobs::JobsSource;
+use crate::source::jobs::{JobsSource, Spool, SpooledFrame};
 use crate::source::synaptask::SynapTaskSource;
 use crate::source::{Control, Source, SourceError, SourceEvent};
 use crate::state::redb_store::RedbStore;
@@ -160,6 +160,9 @@ async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> Result<(), Ap
     Ok(())
 }
 
+/// Time given at shutdown, past the drain timeout, to a commit and the sinks' flush.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Bytes of live diffs held at most for entities not known yet (see [`Pipeline::hold`]).
 const PENDING_BYTES: usize = 16 * 1024 * 1024;
 
@@ -212,6 +215,11 @@ struct Pipeline {
     scope_root: Option<String>,
     summary: RunSummary,
     max_records: Option<u64>,
+    /// Job frames submitted and maybe not delivered yet, oldest first (pruned as the
+    /// checkpoint passes them); kept for the next run if shutdown leaves them undelivered.
+    jobs_sent: VecDeque<SpooledFrame>,
+    /// Where undelivered job frames go at shutdown.
+    spool: Option<Spool>,
 }
 
 impl Pipeline {
@@ -260,6 +268,94 @@ impl Pipeline {
         tracing::warn!(event, %reason, bytes = raw.len(), trace_id = %trace.trace_id, "bad input sent to the dead-letter route");
         let group = normalize::dead_letter(&self.ctx, event, raw, reason, trace);
         self.submit(group).await
+    }
+
+    /// Publishes one job frame. It is remembered first, so a shutdown that interrupts the
+    /// publish still keeps it for the next run.
+    async fn job(&mut self, f: SpooledFrame) -> Result<(), AppError> {
+        let delivered = self.jobs_delivered(&f.client_id);
+        while self.jobs_sent.front().is_some_and(|s| s.index <= delivered) {
+            self.jobs_sent.pop_front();
+        }
+        let g = normalize::job_frame(
+            &self.ctx,
+            &f.client_id,
+            f.epoch,
+            f.index,
+            f.frame.clone(),
+            &TraceContext::new_root(),
+        );
+        self.jobs_sent.push_back(f);
+        self.submit(g).await
+    }
+
+    fn jobs_delivered(&self, client_id: &str) -> u64 {
+        self.delivery
+            .checkpoint()
+            .jobs
+            .get(client_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// At shutdown: publishes the job frames the source already handed over (other events
+    /// are left: history and snapshots bring them back). Ends when the channel is quiet.
+    async fn take_job_frames(
+        &mut self,
+        rx: &mut mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), AppError> {
+        while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            if matches!(ev, SourceEvent::Job { .. }) {
+                self.handle(ev).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At shutdown, after the drain: keeps the job frames not known to be delivered (sent and
+    /// unacknowledged, or never taken from the channel) for the next run.
+    fn keep_job_frames(&mut self, rx: &mut mpsc::Receiver<SourceEvent>) {
+        let mut frames: Vec<SpooledFrame> = Vec::new();
+        for f in std::mem::take(&mut self.jobs_sent) {
+            if f.index > self.jobs_delivered(&f.client_id) {
+                frames.push(f);
+            }
+        }
+        while let Ok(ev) = rx.try_recv() {
+            if let SourceEvent::Job {
+                client_id,
+                epoch,
+                index,
+                frame,
+            } = ev
+            {
+                frames.push(SpooledFrame {
+                    client_id,
+                    epoch,
+                    index,
+                    frame,
+                });
+            }
+        }
+        if frames.is_empty() {
+            return;
+        }
+        metrics()
+            .job_frames_spooled_total
+            .fetch_add(frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        match &self.spool {
+            Some(spool) => match spool.append(&frames) {
+                Ok(()) => tracing::info!(
+                    frames = frames.len(),
+                    "undelivered job frames kept for the next run"
+                ),
+                Err(e) => tracing::error!(error = %e, "undelivered job frames lost"),
+            },
+            None => tracing::warn!(
+                frames = frames.len(),
+                "undelivered job frames lost: no state.path to keep them beside"
+            ),
+        }
     }
 
     fn ask(&mut self, c: Control) {
@@ -500,14 +596,21 @@ impl Pipeline {
                     .await?
                 }
                 Ok((entries, bad)) => {
-                    for reason in bad {
-                        self.dead_letter(
-                            "graph:diff",
-                            payload.to_string().as_bytes(),
-                            &reason,
-                            &trace,
-                        )
-                        .await?;
+                    if !bad.is_empty() {
+                        let payload_hash = crate::record::fnv1a(payload.to_string().as_bytes());
+                        for entry in bad {
+                            inc(&metrics().dead_letters_total);
+                            self.summary.dead_letters += 1;
+                            tracing::warn!(event = "graph:diff", reason = %entry.reason, index = entry.index, bytes = entry.raw.len(), trace_id = %trace.trace_id, "bad diff entry sent to the dead-letter route");
+                            let g = normalize::dead_letter_entry(
+                                &self.ctx,
+                                "graph:diff",
+                                payload_hash,
+                                &entry,
+                                &trace,
+                            );
+                            self.submit(g).await?;
+                        }
                     }
                     for (kind, entity) in entries {
                         if self.snapshot_active {
@@ -611,17 +714,17 @@ impl Pipeline {
             }
             SourceEvent::Job {
                 client_id,
+                epoch,
                 index,
                 frame,
             } => {
-                let g = normalize::job_frame(
-                    &self.ctx,
-                    &client_id,
+                self.job(SpooledFrame {
+                    client_id,
+                    epoch,
                     index,
                     frame,
-                    &TraceContext::new_root(),
-                );
-                self.submit(g).await?;
+                })
+                .await?
             }
             SourceEvent::Malformed { event, raw, reason } => {
                 self.dead_letter(&event, &raw, &reason, &TraceContext::new_root())
@@ -671,16 +774,43 @@ pub async fn run(
         snapshot_complete = checkpoint.snapshot_complete,
         "checkpoint loaded"
     );
+    let p_store = delivery.store();
     let view = View::from_checkpoint(checkpoint);
     let source = source.resume_from(&checkpoint.history, checkpoint.snapshot_complete);
     let snapshot_before = checkpoint.snapshot_complete;
+    let mut spooled = Vec::new();
     let jobs = if cfg.jobs.enabled {
+        let client = &cfg.jobs.client_id;
+        let spool = cfg.state_path().map(|p| Spool::beside(p));
+        if let Some(spool) = &spool {
+            spooled = spool.take()?;
+            if !spooled.is_empty() {
+                tracing::info!(
+                    frames = spooled.len(),
+                    "publishing job frames kept by the last run"
+                );
+            }
+        }
         let delivered = checkpoint
             .jobs
-            .get(&cfg.jobs.client_id)
+            .get(client)
             .copied()
-            .unwrap_or(0);
-        Some(JobsSource::new(cfg.jobs.clone(), delivered)?)
+            .unwrap_or(0)
+            .max(spooled.iter().map(|f| f.index).max().unwrap_or(0));
+        // Milliseconds since the epoch keep ids unique even without a state file; the stored
+        // epoch keeps them rising when the clock steps back.
+        let epoch = checkpoint
+            .job_epochs
+            .get(client)
+            .map_or(0, |e| e + 1)
+            .max(crate::record::unix_millis());
+        p_store
+            .apply(vec![CheckpointOp::JobEpoch {
+                client_id: client.clone(),
+                epoch,
+            }])
+            .await?;
+        Some(JobsSource::new(cfg.jobs.clone(), delivered, epoch, spool)?)
     } else {
         None
     };
@@ -718,7 +848,12 @@ pub async fn run(
         scope_root: cfg.source.root.clone(),
         summary: RunSummary::default(),
         max_records: opts.max_records,
+        jobs_sent: VecDeque::new(),
+        spool: cfg.state_path().map(|p| Spool::beside(p)),
     };
+    for f in spooled {
+        p.job(f).await?;
+    }
 
     // Set once a source task has ended on its own (its result already handled).
     let mut source_done = false;
@@ -733,7 +868,13 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
                 r = p.delivery.next_ack(), if p.delivery.in_flight() > 0 => { r?; }
                 ev = rx.recv() => match ev {
-                    Some(ev) => p.handle(ev).await?,
+                    // A full window (a broker down) blocks `handle`; shutdown must not wait
+                    // for it. Dropping it half-way leaves that group unsealed, which only holds
+                    // the checkpoint before it (see `Delivery::submit`).
+                    Some(ev) => tokio::select! {
+                        r = p.handle(ev) => r?,
+                        _ = shutdown.cancelled() => break,
+                    },
                     None => break,
                 },
                 r = &mut source_task, if !source_done => {
@@ -765,9 +906,20 @@ pub async fn run(
         r => r,
     };
     sources_stop.cancel();
+    // Everything from here on fits in the drain timeout (plus a short flush), whatever the
+    // sinks do: a broker that is down must not keep a SIGTERM waiting.
     let drain = Duration::from_secs(cfg.delivery.drain_timeout_secs);
+    let deadline = tokio::time::Instant::now() + drain;
+    if result.is_ok() && !p.done() {
+        // Job frames cannot be asked for again: publish what the job source already handed
+        // over (graph events are skipped: history and snapshots bring them back).
+        let pending = tokio::time::timeout_at(deadline, p.take_job_frames(&mut rx)).await;
+        if let Ok(Err(e)) = pending {
+            tracing::error!(error = %e, "job frames received before shutdown were not published");
+        }
+    }
     let drained = match &result {
-        Ok(()) => tokio::time::timeout(drain, p.delivery.drain()).await,
+        Ok(()) => tokio::time::timeout_at(deadline, p.delivery.drain()).await,
         // A fatal error leaves in flight what was in flight; the checkpoint says what was delivered.
         Err(_) => Ok(Ok(())),
     };
@@ -779,9 +931,21 @@ pub async fn run(
             "drain timed out; undelivered records will be sent again after restart"
         ),
     }
+    // A drain that timed out may leave a commit running; a short wait lets it land.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, p.delivery.settle()).await;
+    // The job source keeps its own buffer in the same spool: let it finish writing first.
+    if let (Some(j), false) = (jobs_task.as_mut(), jobs_done) {
+        if tokio::time::timeout(SHUTDOWN_GRACE, j).await.is_ok() {
+            jobs_done = true;
+        }
+    }
+    p.keep_job_frames(&mut rx);
+    let flush_until = deadline.max(tokio::time::Instant::now() + SHUTDOWN_GRACE);
     for s in &sinks {
-        if let Err(e) = s.flush().await {
-            tracing::warn!(sink = s.name(), error = %e, "flush failed");
+        match tokio::time::timeout_at(flush_until, s.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(sink = s.name(), error = %e, "flush failed"),
+            Err(_) => tracing::warn!(sink = s.name(), "flush timed out"),
         }
     }
     if !source_done {

@@ -98,6 +98,31 @@ impl DeliveryError {
     }
 }
 
+/// A handle on the delivery window's store for writes outside the window.
+#[derive(Clone)]
+pub struct SharedStore(Arc<Mutex<Box<dyn CheckpointStore>>>);
+
+impl std::fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStore").finish_non_exhaustive()
+    }
+}
+
+impl SharedStore {
+    /// Applies `ops` in one durable transaction, on the blocking pool.
+    pub async fn apply(&self, ops: Vec<CheckpointOp>) -> Result<(), StateError> {
+        let store = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || {
+            store
+                .lock()
+                .map_err(|_| StateError::Io("checkpoint store lock poisoned by a panic".into()))?
+                .apply(&ops)
+        })
+        .await
+        .map_err(|e| StateError::Io(format!("checkpoint writer task failed: {e}")))?
+    }
+}
+
 /// One submitted group, until it is committed.
 struct Group {
     /// Per message: sinks that have not acknowledged it yet (0 once acked or failed).
@@ -254,6 +279,18 @@ impl Delivery {
     pub async fn drain(&mut self) -> Result<(), DeliveryError> {
         while self.next_ack().await? {}
         Ok(())
+    }
+
+    /// Records a commit left running and commits what is ready, without waiting for acks (the
+    /// last step of a shutdown whose drain timed out).
+    pub async fn settle(&mut self) -> Result<(), DeliveryError> {
+        self.commit_ready().await
+    }
+
+    /// The store, for the few writes that must be durable before something happens rather
+    /// than after a broker acknowledged it (a job epoch, a connection attempt).
+    pub fn store(&self) -> SharedStore {
+        SharedStore(Arc::clone(&self.store))
     }
 
     /// Messages enqueued to at least one sink and not yet acknowledged by every sink.

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -40,30 +41,44 @@ enum Command {
     Sim(taskstream::sim::SimConfig),
 }
 
-/// Cancels the token on Ctrl-C or SIGTERM, so every task winds down the same way.
-fn shutdown_on_signals() -> CancellationToken {
+/// The next Ctrl-C or SIGTERM.
+async fn signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    tokio::signal::ctrl_c().await.ok();
+}
+
+/// Cancels the token on Ctrl-C or SIGTERM, so every task winds down the same way. A second
+/// signal exits at once; and if the wind-down outlives `hard_stop` (the drain timeout plus a
+/// margin), the process exits anyway, so a supervisor's SIGTERM is always obeyed in bounded time.
+fn shutdown_on_signals(hard_stop: Option<Duration>) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    ctrl_c.await.ok();
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        ctrl_c.await.ok();
-        tracing::info!("shutting down");
+        signal().await;
+        tracing::info!("shutting down (a second signal stops at once)");
         t.cancel();
+        if let Some(limit) = hard_stop {
+            // A plain thread: it must fire even if the runtime is stuck.
+            std::thread::spawn(move || {
+                std::thread::sleep(limit);
+                eprintln!("taskstream: shutdown took longer than {limit:?}; exiting");
+                std::process::exit(1);
+            });
+        }
+        signal().await;
+        eprintln!("taskstream: second signal; exiting at once");
+        std::process::exit(130);
     });
     token
 }
@@ -73,17 +88,32 @@ fn fail(e: &dyn std::fmt::Display, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Past the drain timeout, how long a shutdown may take before the process exits anyway.
+const HARD_STOP_MARGIN: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&e, 1),
+    };
+    let code = runtime.block_on(async_main(cli));
+    // A blocking task still running (a broker client's flush) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     taskstream::telemetry::init();
-    let shutdown = shutdown_on_signals();
     match cli.command {
-        Command::Sim(cfg) => match taskstream::sim::run(cfg, shutdown).await {
+        Command::Sim(cfg) => match taskstream::sim::run(cfg, shutdown_on_signals(None)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         },
-        Command::Demo(opts) => match taskstream::demo::run(opts, shutdown).await {
+        Command::Demo(opts) => match taskstream::demo::run(opts, shutdown_on_signals(None)).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(taskstream::demo::DemoError::App(e)) => fail(&e, e.exit_code()),
             Err(e) => fail(&e, 1),
@@ -93,6 +123,8 @@ async fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e, 1),
             };
+            let hard_stop = Duration::from_secs(cfg.delivery.drain_timeout_secs) + HARD_STOP_MARGIN;
+            let shutdown = shutdown_on_signals(Some(hard_stop));
             match taskstream::app::run(cfg, Default::default(), shutdown).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&e, e.exit_code()),

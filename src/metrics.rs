@@ -73,6 +73,13 @@ metrics! {
     counter reconciles_total,
     /// Job-event frames received.
     counter job_frames_total,
+    /// Job-event frames dropped because the pipeline was blocked and the buffer was full.
+    counter job_frames_dropped_total,
+    /// Job-event frames kept at shutdown for the next run (the job API replays nothing).
+    counter job_frames_spooled_total,
+    /// Seconds spent waiting before connecting because recent attempts (this run's and, from
+    /// the state store, earlier runs') used the connect budget.
+    counter connect_budget_wait_seconds_total,
     /// History batches fetched by catch-ups and polls.
     counter history_batches_total,
     /// History catch-ups and polls run.

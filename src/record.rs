@@ -140,6 +140,11 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
 /// Task status codes and names (`/concepts/nodes`).
 pub fn status_name(code: i64) -> &'static str {
     match code {

@@ -492,3 +492,162 @@ fn ids_with_line_breaks_become_dead_letters_and_jetstream_goes_on() {
         c.log()
     );
 }
+
+/// Issue 8 item 5: a SIGTERM while the broker is down and the window is full ends within the
+/// drain timeout plus a few seconds, cleanly, and nothing is lost once the broker is back.
+#[test]
+fn sigterm_while_kafka_is_down_ends_within_the_drain_timeout() {
+    let rt = runtime();
+    let mut tansu = rt.block_on(Tansu::start());
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "150",
+        "--links",
+        "150",
+        "--rate",
+        "60",
+        "--seed",
+        "34",
+    ]);
+    let config = kafka_config(&sim, &tansu.bootstrap()).replace(
+        "[sinks.stdout]",
+        "[delivery]\nmax_in_flight = 20\ndrain_timeout_secs = 3\n\n[sinks.stdout]",
+    );
+    let mut c = Connector::start(&config, TOKEN);
+    wait_until_matches(&sim, UID, Duration::from_secs(60), || {
+        read_kafka(&tansu.bootstrap()).0
+    });
+    tansu.kill();
+    // Changes keep coming: the window fills and the pipeline blocks in `submit`.
+    std::thread::sleep(Duration::from_secs(4));
+    let m = c.metrics();
+    assert!(
+        m["taskstream_in_flight"] >= 20.0,
+        "the window is full while the broker is down: {m:?}"
+    );
+    let asked = Instant::now();
+    let status = c.stop();
+    let took = asked.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a clean exit, not the hard stop: {status:?}\n{}",
+        c.log()
+    );
+    assert!(
+        took < Duration::from_secs(3 + 4),
+        "SIGTERM took {took:?} with drain_timeout_secs = 3\n{}",
+        c.log()
+    );
+    assert!(c.log().contains("drain timed out"), "{}", c.log());
+
+    // The checkpoint says what was delivered: the next run publishes the rest.
+    rt.block_on(tansu.restart());
+    c.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    sim.pause();
+    wait_until_matches(&sim, UID, Duration::from_secs(90), || {
+        read_kafka(&tansu.bootstrap()).0
+    });
+}
+
+/// Issue 8 items 1 and 5: job frames received while JetStream is down are published or kept
+/// for the next run at shutdown, never lost, and no frame id is given to two frames across the
+/// restart (JetStream would drop the second as a duplicate).
+#[test]
+fn job_frames_outlive_a_shutdown_while_jetstream_is_down() {
+    let rt = runtime();
+    let mut nats = rt.block_on(Nats::start());
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "20",
+        "--links",
+        "20",
+        "--rate",
+        "0",
+        "--jobs-rate",
+        "50",
+        "--seed",
+        "35",
+    ]);
+    let config = nats_config(&sim, &nats.url(), "jetstream")
+        .replace(
+            "[sinks.stdout]",
+            &format!(
+                "[delivery]\nmax_in_flight = 10\ndrain_timeout_secs = 2\n\n[jobs]\nenabled = true\nurl = \"ws://127.0.0.1:{}/api/v1/ws\"\nclient_id = \"spool\"\ntoken_env = \"SYNAPTASK_API_TOKEN\"\n\n[sinks.stdout]",
+                sim.jobs_port
+            ),
+        );
+    let mut c = Connector::start(&config, TOKEN);
+    std::thread::sleep(Duration::from_secs(3));
+    nats.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    // No more frames: the job API replays nothing, so frames sent while no connector runs
+    // would be lost by the API itself, not by the connector.
+    support::http_json(sim.jobs_port, "POST", "/pause", None);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = c.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        c.log()
+    );
+    assert!(
+        c.dir().join("state.redb.jobs-spool.jsonl").exists(),
+        "undelivered frames were kept\n{}",
+        c.log()
+    );
+    let first_log = c.log();
+    rt.block_on(nats.restart());
+    c.restart();
+
+    let truth = support::http_json(sim.jobs_port, "GET", "/truth", None);
+    let sent: Vec<Value> = truth["clients"]["spool"]
+        .as_array()
+        .expect("frames sent to client spool")
+        .iter()
+        .filter(|f| f.get("malformed").is_none())
+        .cloned()
+        .collect();
+    assert!(sent.len() > 100, "{} frames", sent.len());
+    let url = nats.url();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs: Vec<Value> = rt
+            .block_on(read_jetstream(&url))
+            .into_iter()
+            .filter_map(|s| s.record)
+            .filter(|r| r["type"].as_str().unwrap().starts_with("synaptask.job."))
+            .collect();
+        let mut data: Vec<&Value> = jobs.iter().map(|r| &r["data"]).collect();
+        data.dedup();
+        let missing = sent.iter().filter(|f| !data.contains(f)).count();
+        if missing == 0 {
+            // One id per frame: the stream (which drops repeated ids) holds each frame once.
+            let ids: std::collections::HashSet<&str> =
+                jobs.iter().map(|r| r["id"].as_str().unwrap()).collect();
+            assert_eq!(ids.len(), jobs.len());
+            assert_eq!(jobs.len(), sent.len(), "each frame once");
+            let epochs: std::collections::BTreeSet<&str> = jobs
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().split(':').nth(2).unwrap())
+                .collect();
+            assert_eq!(epochs.len(), 2, "two runs, two epochs: {epochs:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} frames never reached JetStream\nfirst run:\n{first_log}\nsecond run:\n{}",
+            sent.len(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        !c.dir().join("state.redb.jobs-spool.jsonl").exists(),
+        "the spool is removed once read"
+    );
+}

@@ -509,8 +509,10 @@ fn job_events_are_ingested_and_bad_frames_dead_lettered() {
         .filter(|r| r["type"].as_str().unwrap().starts_with("synaptask.job."))
         .collect();
     assert_eq!(jobs.len(), good.len(), "every frame sent became a record");
+    let epoch = jobs[0]["id"].as_str().unwrap().split(':').nth(2).unwrap();
+    assert!(epoch.parse::<u64>().is_ok(), "{epoch}");
     for (i, (r, f)) in jobs.iter().zip(&good).enumerate() {
-        assert_eq!(r["id"], format!("job:e2e:{}", i + 1));
+        assert_eq!(r["id"], format!("job:e2e:{epoch}:{}", i + 1));
         assert_eq!(&r["data"], *f);
         assert_eq!(
             r["type"],

@@ -410,8 +410,20 @@ pub fn apply_entity(
     })
 }
 
-/// Usable entries of a diff, and descriptions of the unusable ones.
-pub type DiffEntries = (Vec<(EntityKind, Map<String, Value>)>, Vec<String>);
+/// An unusable entry of a diff: its position among the payload's entries (nodes, then links),
+/// why it is unusable, and the entry as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadEntry {
+    /// Position among the payload's entries, nodes first; part of the dead letter's id.
+    pub index: usize,
+    /// Why it cannot be used.
+    pub reason: String,
+    /// The entry itself.
+    pub raw: Vec<u8>,
+}
+
+/// Usable entries of a diff, and the unusable ones.
+pub type DiffEntries = (Vec<(EntityKind, Map<String, Value>)>, Vec<BadEntry>);
 
 /// The entities of a `graph:diff` payload, in order (nodes, then links).
 ///
@@ -427,26 +439,35 @@ pub fn diff_entries(payload: &Value) -> Result<DiffEntries, String> {
     };
     let mut out = Vec::new();
     let mut bad = Vec::new();
+    let mut index = 0usize;
     for (field, kind) in [("nodes", EntityKind::Node), ("links", EntityKind::Link)] {
         match obj.get(field) {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
                 for item in items {
+                    let mut refuse = |reason: String| {
+                        bad.push(BadEntry {
+                            index,
+                            reason,
+                            raw: item.to_string().into_bytes(),
+                        })
+                    };
                     match item.as_object() {
-                        Some(m) if m.contains_key("after") && !m.contains_key("id") => match m
-                            .get("after")
-                        {
-                            Some(Value::Object(after)) if after.contains_key("id") => {
-                                out.push((kind, after.clone()))
+                        Some(m) if m.contains_key("after") && !m.contains_key("id") => {
+                            match m.get("after") {
+                                Some(Value::Object(after)) if after.contains_key("id") => {
+                                    out.push((kind, after.clone()))
+                                }
+                                _ => refuse(format!("{field} entry with an unusable after")),
                             }
-                            _ => bad.push(format!("{field} entry with an unusable after: {item}")),
-                        },
+                        }
                         Some(m) => out.push((kind, m.clone())),
-                        None => bad.push(format!(
+                        None => refuse(format!(
                             "{field} entry is {}, not an object",
                             type_name(item)
                         )),
                     }
+                    index += 1;
                 }
             }
             Some(other) => {
@@ -670,10 +691,49 @@ pub fn dead_letter(
     reason: &str,
     trace: &TraceContext,
 ) -> Group {
-    let hash = fnv1a(raw);
+    let id = format!("dlq:{event}:{:016x}", fnv1a(raw));
+    dead_letter_with_id(ctx, id, event, raw, reason, trace)
+}
+
+/// A dead letter for one entry of a payload that had several: the id names the payload and the
+/// entry's position, so every bad entry has its own (a JetStream stream keeps each).
+pub fn dead_letter_entry(
+    ctx: &Ctx,
+    event: &str,
+    payload_hash: u64,
+    entry: &BadEntry,
+    trace: &TraceContext,
+) -> Group {
+    let id = format!("dlq:{event}:{payload_hash:016x}:{}", entry.index);
+    dead_letter_with_id(ctx, id, event, &entry.raw, &entry.reason, trace)
+}
+
+/// Bytes of the refused input a dead letter carries at most (a broker refuses messages past
+/// about 1 MB, and a dead letter must not be refused in turn).
+pub const DEAD_LETTER_RAW_MAX: usize = 256 * 1024;
+/// Characters of a refusal reason kept at most.
+const DEAD_LETTER_REASON_MAX: usize = 1024;
+
+fn dead_letter_with_id(
+    ctx: &Ctx,
+    id: String,
+    event: &str,
+    raw: &[u8],
+    reason: &str,
+    trace: &TraceContext,
+) -> Group {
+    let mut reason: String = reason.chars().take(DEAD_LETTER_REASON_MAX).collect();
+    let kept = &raw[..raw.len().min(DEAD_LETTER_RAW_MAX)];
+    if kept.len() < raw.len() {
+        reason.push_str(&format!(
+            " (first {} of {} bytes kept)",
+            kept.len(),
+            raw.len()
+        ));
+    }
     Group {
         records: vec![Record {
-            id: format!("dlq:{event}:{hash:016x}"),
+            id,
             source: ctx.source.clone(),
             subject: event.to_string(),
             time: ctx.now.clone(),
@@ -682,8 +742,8 @@ pub fn dead_letter(
             origin: Origin::Diff,
             body: Body::DeadLetter {
                 event: event.to_string(),
-                reason: reason.to_string(),
-                raw: raw.to_vec(),
+                reason,
+                raw: kept.to_vec(),
             },
         }],
         tombstone: None,
@@ -691,10 +751,12 @@ pub fn dead_letter(
     }
 }
 
-/// A record for one job-event frame; `index` is the frame's position in its client's stream.
+/// A record for one job-event frame; `index` is the frame's position in its client's stream
+/// and `epoch` the run that numbered it (ids stay unique across restarts).
 pub fn job_frame(
     ctx: &Ctx,
     client_id: &str,
+    epoch: u64,
     index: u64,
     frame: Map<String, Value>,
     trace: &TraceContext,
@@ -707,7 +769,7 @@ pub fn job_frame(
         .to_string();
     Group {
         records: vec![Record {
-            id: format!("job:{client_id}:{index}"),
+            id: format!("job:{client_id}:{epoch}:{index}"),
             source: ctx.source.clone(),
             subject,
             time: ctx.now.clone(),
@@ -987,12 +1049,60 @@ mod tests {
     }
 
     #[test]
+    fn every_bad_entry_of_a_payload_gets_its_own_dead_letter() {
+        let payload = json!({"nodes": [1, {"id": "a", "version": 1}, "x"], "links": [true, 1]});
+        let (ok, bad) = diff_entries(&payload).unwrap();
+        assert_eq!(ok.len(), 1);
+        let indexes: Vec<usize> = bad.iter().map(|b| b.index).collect();
+        assert_eq!(indexes, [0, 2, 3, 4]);
+        let hash = fnv1a(payload.to_string().as_bytes());
+        let ids: std::collections::HashSet<String> = bad
+            .iter()
+            .map(|b| {
+                dead_letter_entry(&ctx(), "graph:diff", hash, b, &trace()).records[0]
+                    .id
+                    .clone()
+            })
+            .collect();
+        assert_eq!(ids.len(), 4, "{ids:?}");
+        // The two entries `1` (a node and a link) are the same bytes, yet two dead letters.
+        let g = dead_letter_entry(&ctx(), "graph:diff", hash, &bad[3], &trace());
+        match &g.records[0].body {
+            Body::DeadLetter { raw, .. } => assert_eq!(raw, b"1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_huge_dead_letter_keeps_a_bounded_prefix_and_says_so() {
+        let raw = vec![b'x'; DEAD_LETTER_RAW_MAX * 4];
+        let g = dead_letter(&ctx(), "graph:diff", &raw, &"r".repeat(5000), &trace());
+        match &g.records[0].body {
+            Body::DeadLetter {
+                raw: kept, reason, ..
+            } => {
+                assert_eq!(kept.len(), DEAD_LETTER_RAW_MAX);
+                assert!(reason.len() < 1200, "{}", reason.len());
+                assert!(
+                    reason.ends_with(&format!(
+                        "(first {DEAD_LETTER_RAW_MAX} of {} bytes kept)",
+                        raw.len()
+                    )),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn malformed_payloads_are_reported_not_panicked_on() {
         assert!(diff_entries(&json!("nope")).is_err());
         assert!(diff_entries(&json!({"nodes": 3})).is_err());
         let (ok, bad) = diff_entries(&json!({"nodes": [1, {"id": "a", "version": 1}]})).unwrap();
         assert_eq!(ok.len(), 1);
         assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].raw, b"1");
         let mut view = View::default();
         let no_version = obj(json!({"id": "a", "title": "t", "status": 0}));
         assert!(matches!(

@@ -81,6 +81,8 @@ pub enum SourceEvent {
     Job {
         /// The job-API client id.
         client_id: String,
+        /// The epoch of the run that numbered the frame.
+        epoch: u64,
         /// Position of the frame in that client's stream (1-based).
         index: u64,
         /// The frame.

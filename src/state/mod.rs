@@ -44,7 +44,16 @@ pub struct Checkpoint {
     /// History positions: scope (`USER:<uid>`, `GRAPH:<root>`) -> highest op id whose batch,
     /// and every batch before it, was delivered.
     pub history: HashMap<String, u64>,
+    /// Job-API client id -> the epoch of its latest run. Every run takes a new one before it
+    /// numbers frames, so a frame id is never given to two different frames.
+    pub job_epochs: HashMap<String, u64>,
+    /// Recent SynapTask connection attempts (Unix milliseconds, oldest first), so a connector
+    /// restarted in a loop still keeps to the server's connect limit.
+    pub connects: Vec<u64>,
 }
+
+/// Connection attempts older than this are forgotten by every store.
+pub const CONNECTS_KEPT_MS: u64 = 10 * 60 * 1000;
 
 /// One change to the checkpoint, applied once its record and all before it are acknowledged.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +80,20 @@ pub enum CheckpointOp {
         scope: String,
         /// The highest op id of the delivered batch.
         op_id: u64,
+    },
+    /// A run of the job source took this epoch (written before its first frame is numbered,
+    /// not through the delivery window).
+    JobEpoch {
+        /// Job-API client id.
+        client_id: String,
+        /// The epoch; a store never lowers it.
+        epoch: u64,
+    },
+    /// A connection attempt to SynapTask at this Unix time in milliseconds (written before
+    /// connecting, not through the delivery window).
+    ConnectAttempt {
+        /// Unix milliseconds.
+        at_ms: u64,
     },
     /// Job frames of a client delivered up to this count.
     JobPosition {
@@ -165,6 +188,17 @@ pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
         CheckpointOp::HistoryCursor { scope, op_id } => {
             let e = cp.history.entry(scope.clone()).or_default();
             *e = (*e).max(*op_id);
+        }
+        CheckpointOp::JobEpoch { client_id, epoch } => {
+            let e = cp.job_epochs.entry(client_id.clone()).or_default();
+            *e = (*e).max(*epoch);
+        }
+        CheckpointOp::ConnectAttempt { at_ms } => {
+            cp.connects.push(*at_ms);
+            cp.connects.sort_unstable();
+            let newest = cp.connects.last().copied().unwrap_or(0);
+            cp.connects
+                .retain(|t| newest.saturating_sub(*t) < CONNECTS_KEPT_MS);
         }
     }
 }

@@ -8,8 +8,12 @@
 //!   the state it is about to replace.
 //! - `meta`: `format` → 1, `snapshot_complete` → 1 once set.
 //! - `jobs`: job-API client id → frames delivered.
-//! - `history`: history scope → highest delivered op id. Added without a format bump: a file
-//!   written before it simply has no history positions yet.
+//! - `history`: history scope → highest delivered op id.
+//! - `job_epochs`: job-API client id → epoch of its latest run.
+//! - `connects`: Unix milliseconds of recent connection attempts → 0.
+//!
+//! The last three were added without a format bump: a file written before them simply has
+//! none of these rows yet.
 
 use std::path::Path;
 
@@ -24,6 +28,8 @@ const ENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entities");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const JOBS: TableDefinition<&str, u64> = TableDefinition::new("jobs");
 const HISTORY: TableDefinition<&str, u64> = TableDefinition::new("history");
+const JOB_EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("job_epochs");
+const CONNECTS: TableDefinition<u64, u64> = TableDefinition::new("connects");
 
 const META_FORMAT: &str = "format";
 const META_SNAPSHOT_COMPLETE: &str = "snapshot_complete";
@@ -73,6 +79,8 @@ impl RedbStore {
             txn.open_table(ENTITIES).map_err(io)?;
             txn.open_table(JOBS).map_err(io)?;
             txn.open_table(HISTORY).map_err(io)?;
+            txn.open_table(JOB_EPOCHS).map_err(io)?;
+            txn.open_table(CONNECTS).map_err(io)?;
             let mut meta = txn.open_table(META).map_err(io)?;
             let format = meta.get(META_FORMAT).map_err(io)?.map(|g| g.value());
             match format {
@@ -128,6 +136,19 @@ impl CheckpointStore for RedbStore {
             let (scope, op_id) = row.map_err(io)?;
             cp.history.insert(scope.value().to_owned(), op_id.value());
         }
+
+        let epochs = txn.open_table(JOB_EPOCHS).map_err(io)?;
+        for row in epochs.iter().map_err(io)? {
+            let (client, epoch) = row.map_err(io)?;
+            cp.job_epochs
+                .insert(client.value().to_owned(), epoch.value());
+        }
+
+        let connects = txn.open_table(CONNECTS).map_err(io)?;
+        for row in connects.iter().map_err(io)? {
+            let (at_ms, _) = row.map_err(io)?;
+            cp.connects.push(at_ms.value());
+        }
         Ok(cp)
     }
 
@@ -143,8 +164,18 @@ impl CheckpointStore for RedbStore {
             let mut meta = txn.open_table(META).map_err(io)?;
             let mut jobs = txn.open_table(JOBS).map_err(io)?;
             let mut history = txn.open_table(HISTORY).map_err(io)?;
+            let mut epochs = txn.open_table(JOB_EPOCHS).map_err(io)?;
+            let mut connects = txn.open_table(CONNECTS).map_err(io)?;
+            let mut tables = Tables {
+                entities: &mut entities,
+                meta: &mut meta,
+                jobs: &mut jobs,
+                history: &mut history,
+                epochs: &mut epochs,
+                connects: &mut connects,
+            };
             for op in ops {
-                apply_one(&mut entities, &mut meta, &mut jobs, &mut history, op)?;
+                apply_one(&mut tables, op)?;
             }
         }
         txn.commit().map_err(io)?;
@@ -152,14 +183,26 @@ impl CheckpointStore for RedbStore {
     }
 }
 
+/// The tables of one write transaction.
+struct Tables<'a, 't> {
+    entities: &'a mut Table<'t, &'static str, &'static [u8]>,
+    meta: &'a mut Table<'t, &'static str, u64>,
+    jobs: &'a mut Table<'t, &'static str, u64>,
+    history: &'a mut Table<'t, &'static str, u64>,
+    epochs: &'a mut Table<'t, &'static str, u64>,
+    connects: &'a mut Table<'t, u64, u64>,
+}
+
 /// Same semantics as [`super::apply_op`], against the tables of one write transaction.
-fn apply_one(
-    entities: &mut Table<'_, &'static str, &'static [u8]>,
-    meta: &mut Table<'_, &'static str, u64>,
-    jobs: &mut Table<'_, &'static str, u64>,
-    history: &mut Table<'_, &'static str, u64>,
-    op: &CheckpointOp,
-) -> Result<(), StateError> {
+fn apply_one(t: &mut Tables<'_, '_>, op: &CheckpointOp) -> Result<(), StateError> {
+    let Tables {
+        entities,
+        meta,
+        jobs,
+        history,
+        epochs,
+        connects,
+    } = t;
     match op {
         CheckpointOp::Upsert {
             key,
@@ -195,6 +238,20 @@ fn apply_one(
             if current.is_none_or(|c| c < *op_id) {
                 history.insert(scope.as_str(), *op_id).map_err(io)?;
             }
+        }
+        CheckpointOp::JobEpoch { client_id, epoch } => {
+            let current = epochs
+                .get(client_id.as_str())
+                .map_err(io)?
+                .map(|g| g.value());
+            if current.is_none_or(|c| c < *epoch) {
+                epochs.insert(client_id.as_str(), *epoch).map_err(io)?;
+            }
+        }
+        CheckpointOp::ConnectAttempt { at_ms } => {
+            connects.insert(*at_ms, 0).map_err(io)?;
+            let cutoff = at_ms.saturating_sub(super::CONNECTS_KEPT_MS);
+            connects.retain(|t, _| t > cutoff).map_err(io)?;
         }
     }
     Ok(())
