@@ -66,7 +66,10 @@ impl Default for StdoutConfig {
 /// Where lines go: standard output or a file that can be synced and cut back.
 enum Out {
     Stdout(std::io::Stdout),
-    File { file: std::fs::File, len: u64 },
+    File {
+        file: std::fs::File,
+        len: u64,
+    },
     /// Tests: a writer that fails on demand.
     #[cfg(test)]
     Faulty(Arc<Mutex<tests::Faulty>>),
@@ -181,12 +184,7 @@ impl StdoutSink {
         Self::start(name, out, cfg.fsync.unwrap_or(default_fsync), cfg)
     }
 
-    fn start(
-        name: &str,
-        out: Out,
-        fsync: Fsync,
-        cfg: &StdoutConfig,
-    ) -> Result<Self, SinkError> {
+    fn start(name: &str, out: Out, fsync: Fsync, cfg: &StdoutConfig) -> Result<Self, SinkError> {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
@@ -465,7 +463,9 @@ mod tests {
             event: "created".into(),
             id: format!("node:a:{i}"),
             key: "a".into(),
-            payload: Some(format!("{{\"id\":\"node:a:{i}\",\"pad\":\"{}\"}}", "x".repeat(40)).into_bytes()),
+            payload: Some(
+                format!("{{\"id\":\"node:a:{i}\",\"pad\":\"{}\"}}", "x".repeat(40)).into_bytes(),
+            ),
             headers: vec![],
         })
     }
@@ -532,7 +532,12 @@ mod tests {
         }
         let f = f.lock().unwrap();
         // Group commit: one sync per batch, not per line.
-        assert!(f.syncs <= f.writes, "{} syncs for {} writes", f.syncs, f.writes);
+        assert!(
+            f.syncs <= f.writes,
+            "{} syncs for {} writes",
+            f.syncs,
+            f.writes
+        );
     }
 
     #[tokio::test]
@@ -546,9 +551,10 @@ mod tests {
 
     #[test]
     fn fsync_is_read_from_the_config() {
-        let cfg: StdoutConfig =
-            serde_json::from_str(r#"{"path": "/tmp/x", "fsync": "interval", "fsync_interval_ms": 200}"#)
-                .unwrap();
+        let cfg: StdoutConfig = serde_json::from_str(
+            r#"{"path": "/tmp/x", "fsync": "interval", "fsync_interval_ms": 200}"#,
+        )
+        .unwrap();
         assert_eq!(cfg.fsync, Some(Fsync::Interval));
         assert!(serde_json::from_str::<StdoutConfig>(r#"{"fsync": "sometimes"}"#).is_err());
     }
