@@ -776,7 +776,9 @@ pub async fn run(
     );
     let p_store = delivery.store();
     let view = View::from_checkpoint(checkpoint);
-    let source = source.resume_from(&checkpoint.history, checkpoint.snapshot_complete);
+    let source = source
+        .resume_from(&checkpoint.history, checkpoint.snapshot_complete)
+        .with_connect_log(delivery.store(), &checkpoint.connects);
     let snapshot_before = checkpoint.snapshot_complete;
     let mut spooled = Vec::new();
     let jobs = if cfg.jobs.enabled {

@@ -67,6 +67,18 @@ impl<K: Hash + Eq + Clone> SlidingWindow<K> {
         })
     }
 
+    /// Counts a hit that happened `ago` (before this limiter existed: an earlier run's
+    /// attempts, read from the state store). Call oldest first, before any other hit.
+    pub fn seed(&mut self, key: &K, ago: Duration) {
+        let now = Instant::now();
+        let at = now.checked_sub(ago).unwrap_or(now);
+        let window = self.window;
+        let q = self.prune(key, now);
+        if now.duration_since(at) < window {
+            q.push_back(at);
+        }
+    }
+
     /// Counts a hit whatever the outcome and returns whether the key was within its limit.
     /// Connect attempts are counted this way: the docs limit attempts, not successes.
     pub fn hit_always(&mut self, key: &K) -> bool {

@@ -658,3 +658,57 @@ fn refused_job_api_token_also_exits_with_code_2() {
     assert_eq!(status.code(), Some(2), "log:\n{}", c.log());
     assert!(c.log().contains("job API refused the token"), "{}", c.log());
 }
+
+/// Issue 8 item 8: a supervisor restarting a crashing connector every second must not push it
+/// over the server's connect limit (10 per minute per IP): attempts are kept in the state store
+/// and a new run waits while earlier runs spent the budget, saying how long.
+#[test]
+fn restarts_in_a_loop_keep_to_the_connect_limit() {
+    let sim = SimProcess::start(&[
+        "--tokens",
+        &tokens(),
+        "--nodes",
+        "20",
+        "--links",
+        "20",
+        "--rate",
+        "0",
+    ]);
+    let mut c = Connector::start(&file_config(&sim, ""), TOKEN);
+    let count = |log: &str| {
+        (
+            log.matches("connected to SynapTask").count(),
+            log.matches("connect budget is spent").count(),
+        )
+    };
+    let mut seen = (0, 0);
+    for _ in 0..14 {
+        // Until this run connected, or said it waits for the budget.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = c.log();
+            let now = count(&log);
+            if now != seen {
+                seen = now;
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "neither connected nor waiting:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c.restart();
+    }
+    c.kill9();
+    let counters = sim.truth_light()["counters"].clone();
+    assert_eq!(
+        counters["limitViolations"]["connectPerIp"], 0,
+        "{counters:#}"
+    );
+    assert!(
+        counters["connectAttempts"].as_u64().unwrap() <= 8,
+        "the default budget is 8 connects a minute: {counters:#}"
+    );
+    assert!(seen.1 >= 6, "later runs waited for the budget: {seen:?}");
+}

@@ -37,10 +37,12 @@ use self::reads::{ReadError, Reader};
 use self::session::{Inbound, Refusal, Session};
 use self::snapshot::SnapshotEnd;
 use super::{Control, Source, SourceError, SourceEvent};
+use crate::delivery::SharedStore;
 use crate::metrics::{inc, metrics};
 use crate::ratelimit::SlidingWindow;
 use crate::record::TraceContext;
 use crate::secret::Secret;
+use crate::state::CheckpointOp;
 
 /// Where a scope without a delivered position starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -281,6 +283,8 @@ pub struct SynapTaskSource {
     snapshot_done: bool,
     /// The server answered that it has no `history:page`: every gap needs a snapshot.
     history_off: bool,
+    /// Where connection attempts are kept, and those of earlier runs.
+    connect_log: Option<(SharedStore, Vec<u64>)>,
 }
 
 /// Why serving a session stopped.
@@ -353,11 +357,20 @@ impl SynapTaskSource {
             states: Arc::default(),
             snapshot_done: false,
             history_off: false,
+            connect_log: None,
         })
     }
 
     /// Starts from the delivered checkpoint: its history positions and whether a complete
     /// snapshot was delivered (then a restart replays history instead of taking a snapshot).
+    /// Keeps connection attempts in `store` and counts `recent` ones (Unix ms, from earlier
+    /// runs) against the connect budget, so a connector restarted in a loop by a supervisor
+    /// still keeps to the server's connect limit.
+    pub fn with_connect_log(mut self, store: SharedStore, recent: &[u64]) -> Self {
+        self.connect_log = Some((store, recent.to_vec()));
+        self
+    }
+
     pub fn resume_from(mut self, history: &HashMap<String, u64>, snapshot_complete: bool) -> Self {
         self.snapshot_done = snapshot_complete;
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
@@ -418,6 +431,13 @@ impl SynapTaskSource {
     ) -> Result<(), SourceError> {
         let mut connects: SlidingWindow<()> =
             SlidingWindow::new(self.cfg.connects_per_minute, Duration::from_secs(60));
+        let connect_log = self.connect_log.take().map(|(store, recent)| {
+            let now = crate::record::unix_millis();
+            for t in recent {
+                connects.seed(&(), Duration::from_millis(now.saturating_sub(t)));
+            }
+            store
+        });
         // Outlives sessions: the server's read windows do not restart when we reconnect.
         let budget = Arc::new(Mutex::new(SlidingWindow::new(
             self.cfg.read_budget,
@@ -434,6 +454,16 @@ impl SynapTaskSource {
             };
             let budget_wait = connects.wait_time(&());
             let wait = delay.max(budget_wait);
+            if budget_wait > delay {
+                tracing::warn!(
+                    wait_secs = budget_wait.as_secs_f64(),
+                    connects_per_minute = self.cfg.connects_per_minute,
+                    "the connect budget is spent by recent attempts (earlier runs' included); waiting before connecting"
+                );
+                metrics()
+                    .connect_budget_wait_seconds_total
+                    .fetch_add(budget_wait.as_secs(), std::sync::atomic::Ordering::Relaxed);
+            }
             if !wait.is_zero() {
                 tracing::info!(
                     wait_ms = wait.as_millis() as u64,
@@ -447,6 +477,16 @@ impl SynapTaskSource {
             }
             connects.try_hit(&());
             inc(&metrics().connect_attempts_total);
+            if let Some(store) = &connect_log {
+                // Before the attempt: a crash right after it must still count it.
+                let at_ms = crate::record::unix_millis();
+                if let Err(e) = store
+                    .apply(vec![CheckpointOp::ConnectAttempt { at_ms }])
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot record the connection attempt in the state store");
+                }
+            }
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 a = establish(&self.cfg, &self.token, self.cfg.diff_buffer) => a,
@@ -775,6 +815,7 @@ mod tests {
             states: Arc::default(),
             snapshot_done: false,
             history_off: false,
+            connect_log: None,
         };
         for f in 1..30 {
             assert!(s.backoff(f) <= Duration::from_millis(1000));
