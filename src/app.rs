@@ -27,6 +27,7 @@ use crate::sink::{Sink, SinkError};
 use crate::source::jobs::{JobsSource, Spool, SpooledFrame};
 use crate::source::synaptask::SynapTaskSource;
 use crate::source::{Control, Source, SourceError, SourceEvent};
+use crate::state::journal::Journal;
 use crate::state::redb_store::RedbStore;
 use crate::state::{CheckpointOp, CheckpointStore, MemoryStore, StateError};
 
@@ -220,6 +221,8 @@ struct Pipeline {
     jobs_sent: VecDeque<SpooledFrame>,
     /// Where undelivered job frames go at shutdown.
     spool: Option<Spool>,
+    /// Upserts are journalled here before they are published (restart-exact baselines).
+    journal: Option<Journal>,
 }
 
 impl Pipeline {
@@ -250,6 +253,13 @@ impl Pipeline {
                 if let CheckpointOp::Upsert { key, .. } | CheckpointOp::Remove { key } = op {
                     self.touched.insert(key.clone());
                 }
+            }
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.append(&group.ops)?;
+            if journal.wants_compaction() {
+                let keep = self.view.undelivered(self.delivery.checkpoint());
+                journal.compact(keep.iter().map(|(k, p)| (k, p)))?;
             }
         }
         self.delivery.submit(messages, group.ops).await?;
@@ -775,7 +785,21 @@ pub async fn run(
         "checkpoint loaded"
     );
     let p_store = delivery.store();
-    let view = View::from_checkpoint(checkpoint);
+    let mut view = View::from_checkpoint(checkpoint);
+    let journal = match cfg.state_path() {
+        Some(path) => {
+            let (journal, published) = Journal::open(&Journal::path_beside(path), checkpoint)?;
+            if !published.is_empty() {
+                tracing::info!(
+                    entities = published.len(),
+                    "versions published but not acknowledged before the restart are the baselines of the next changes"
+                );
+            }
+            view.remember_published(published);
+            Some(journal)
+        }
+        None => None,
+    };
     let source = source
         .resume_from(&checkpoint.history, checkpoint.snapshot_complete)
         .with_connect_log(delivery.store(), &checkpoint.connects);
@@ -852,6 +876,7 @@ pub async fn run(
         max_records: opts.max_records,
         jobs_sent: VecDeque::new(),
         spool: cfg.state_path().map(|p| Spool::beside(p)),
+        journal,
     };
     for f in spooled {
         p.job(f).await?;

@@ -40,6 +40,9 @@ pub struct View {
     /// apart so that a partial change cannot be merged onto a state without a title or tags,
     /// while a purge or a whole restore still finds them.
     sketches: HashMap<String, Known>,
+    /// After a restart: versions published but not delivered before it, newer than `entities`
+    /// (from the published journal, [`crate::state::journal`]).
+    published: HashMap<String, Known>,
 }
 
 impl View {
@@ -59,6 +62,45 @@ impl View {
             }
         }
         view
+    }
+
+    /// Overlays the versions a previous run published without their delivery being
+    /// acknowledged: changes newer than them start from them (see [`apply_entity`]).
+    pub fn remember_published(
+        &mut self,
+        published: impl IntoIterator<Item = (String, crate::state::journal::Published)>,
+    ) {
+        for (key, p) in published {
+            self.published.insert(
+                key,
+                Known {
+                    version: p.version,
+                    state: p.state,
+                },
+            );
+        }
+    }
+
+    /// Entities whose state in the view is newer than in `checkpoint` (published, not yet
+    /// delivered), with the remembered ones still ahead: what a journal compaction keeps.
+    pub fn undelivered(
+        &self,
+        checkpoint: &Checkpoint,
+    ) -> Vec<(String, crate::state::journal::Published)> {
+        let ahead = |k: &String, v: u64| checkpoint.entities.get(k).is_none_or(|d| d.version < v);
+        let mut out: HashMap<String, crate::state::journal::Published> = HashMap::new();
+        for (k, known) in self.published.iter().chain(self.entities.iter()) {
+            if ahead(k, known.version) && out.get(k).is_none_or(|p| p.version < known.version) {
+                out.insert(
+                    k.clone(),
+                    crate::state::journal::Published {
+                        version: known.version,
+                        state: known.state.clone(),
+                    },
+                );
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// An entity's known state.
@@ -305,6 +347,24 @@ pub fn apply_entity(
     {
         return Outcome::Stale;
     }
+    // After a restart, consumers may have seen a newer version than the delivered one (it was
+    // published, not yet acknowledged, when the process died). A change newer than that one
+    // starts from it: its `before` and status transition are what consumers last saw. A
+    // replay of it, or of an older version, starts from the delivered state, so it is
+    // published as it was the first time.
+    let published = view
+        .published
+        .get(&key)
+        .filter(|p| version > p.version && known.is_none_or(|k| p.version > k.version))
+        .cloned();
+    if view
+        .published
+        .get(&key)
+        .is_some_and(|p| version >= p.version)
+    {
+        view.published.remove(&key);
+    }
+    let known = published.as_ref().or(known);
     let trashing = entry.get("inTrash").and_then(Value::as_bool) == Some(true);
     let full = looks_full(kind, entry);
     let (change, before, mut after) = match known {
@@ -1046,6 +1106,94 @@ mod tests {
         assert_eq!(r["type"], "synaptask.link.updated");
         assert_eq!(r["changed"], json!(["futureField", "type"]));
         assert_eq!(r["after"]["source"], "a");
+    }
+
+    /// Issue 8 item 4: v5 (status 0 -> 2) was published, not acknowledged, when the process
+    /// died; the status went back to 0 while it was down. The restart's checkpoint has v4.
+    #[test]
+    fn after_a_restart_changes_start_from_what_was_published() {
+        let node = |v: u64, status: i64| {
+            obj(
+                json!({"id": "n1", "version": v, "title": "t", "status": status, "createdTime": "2026-01-01T00:00:00Z"}),
+            )
+        };
+        let mut cp = Checkpoint::default();
+        cp.entities.insert(
+            "node:n1".into(),
+            crate::state::EntityState {
+                version: 4,
+                state: Arc::new(node(4, 0)),
+            },
+        );
+        let published = || {
+            vec![(
+                "node:n1".to_string(),
+                crate::state::journal::Published {
+                    version: 5,
+                    state: Arc::new(node(5, 2)),
+                },
+            )]
+        };
+
+        // Only the newer state is known (a snapshot after history ran out): 2 -> 0.
+        let mut view = View::from_checkpoint(&cp);
+        view.remember_published(published());
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &node(6, 0),
+            Origin::Snapshot,
+            &trace(),
+        ));
+        let ids: Vec<&str> = g.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["node:n1:6", "status:n1:6"]);
+        match &g.records[1].body {
+            Body::StatusChanged { from, to, .. } => assert_eq!((*from, *to), (2, 0)),
+            other => panic!("{other:?}"),
+        }
+
+        // History replays v5 first: it is published as the first time (0 -> 2, same id), then
+        // v6 goes back (2 -> 0).
+        let mut view = View::from_checkpoint(&cp);
+        view.remember_published(published());
+        let g5 = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &node(5, 2),
+            Origin::Diff,
+            &trace(),
+        ));
+        assert_eq!(g5.records[1].id, "status:n1:5");
+        match &g5.records[1].body {
+            Body::StatusChanged { from, to, .. } => assert_eq!((*from, *to), (0, 2)),
+            other => panic!("{other:?}"),
+        }
+        let g6 = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &node(6, 0),
+            Origin::Diff,
+            &trace(),
+        ));
+        match &g6.records[1].body {
+            Body::StatusChanged { from, to, .. } => assert_eq!((*from, *to), (2, 0)),
+            other => panic!("{other:?}"),
+        }
+
+        // Without the journal (the old behaviour) the snapshot says nothing about status.
+        let mut view = View::from_checkpoint(&cp);
+        let g = changed(apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Node,
+            &node(6, 0),
+            Origin::Snapshot,
+            &trace(),
+        ));
+        assert_eq!(g.records.len(), 1);
     }
 
     #[test]

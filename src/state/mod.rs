@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+pub mod journal;
 pub mod redb_store;
 
 /// `[state]`: where the delivered checkpoint is kept.
