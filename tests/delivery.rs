@@ -155,3 +155,194 @@ fn checkpoint_survives_kill9_right_after_commit() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Set in the child of the delete/tombstone test: the store path.
+const TOMBSTONE_CHILD_ENV: &str = "TASKSTREAM_TOMBSTONE_CHILD_STORE";
+
+/// Acknowledges records at once and never acknowledges a tombstone (a broker that took the
+/// delete record and then went away), and reports each ack on stdout.
+struct StallTombstones;
+
+impl Sink for StallTombstones {
+    fn name(&self) -> &str {
+        "stall-tombstones"
+    }
+
+    fn enqueue(&self, msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>> {
+        async move {
+            if msg.payload.is_none() {
+                return Ok(futures_util::future::pending().boxed());
+            }
+            let id = msg.id.clone();
+            Ok(async move {
+                println!("ACKED {id}");
+                Ok(())
+            }
+            .boxed())
+        }
+        .boxed()
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, Result<String, SinkError>> {
+        async { Ok(String::new()) }.boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        async { Ok(()) }.boxed()
+    }
+}
+
+/// Records every message it acknowledges.
+#[derive(Default)]
+struct Recording(std::sync::Mutex<Vec<Arc<Message>>>);
+
+impl Sink for Recording {
+    fn name(&self) -> &str {
+        "recording"
+    }
+
+    fn enqueue(&self, msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>> {
+        self.0.lock().unwrap().push(msg);
+        async { Ok(async { Ok(()) }.boxed()) }.boxed()
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, Result<String, SinkError>> {
+        async { Ok(String::new()) }.boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        async { Ok(()) }.boxed()
+    }
+}
+
+fn purge_group(store: &dyn CheckpointStore) -> anyhow::Result<taskstream::normalize::Group> {
+    use taskstream::normalize::{self, Ctx, Outcome, View};
+    let mut view = View::from_checkpoint(&store.load()?);
+    let ctx = Ctx {
+        source: "synaptask://test/users/u".into(),
+        now: "2026-12-01T00:00:00Z".into(),
+    };
+    let purge = json!({"id": "n1", "deleted": true});
+    match normalize::apply_entity(
+        &mut view,
+        &ctx,
+        taskstream::record::EntityKind::Node,
+        purge.as_object().ok_or_else(|| anyhow::anyhow!("object"))?,
+        taskstream::record::Origin::Diff,
+        &taskstream::record::TraceContext::new_root(),
+    ) {
+        Outcome::Changed(g) => Ok(g),
+        other => anyhow::bail!("expected a delete, got {other:?}"),
+    }
+}
+
+/// The child: publishes the purge of `node:n1` through a sink that stalls its tombstone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstone_child() -> anyhow::Result<()> {
+    let Some(path) = std::env::var_os(TOMBSTONE_CHILD_ENV) else {
+        return Ok(());
+    };
+    let store = RedbStore::open(&PathBuf::from(path))?;
+    let group = purge_group(&store)?;
+    let encoder = taskstream::encode::json::JsonEncoder;
+    let msgs = taskstream::encode::to_messages(&group, &encoder)?;
+    let mut d = Delivery::new(
+        vec![Arc::new(StallTombstones)],
+        Box::new(store),
+        DeliveryConfig::default(),
+    )?;
+    d.submit(msgs, group.ops).await?;
+    // Never returns: the tombstone is never acknowledged; the parent kills this process.
+    d.drain().await?;
+    Ok(())
+}
+
+/// Issue 8 item 0: a delete record and its tombstone are one unit. Killed after the delete
+/// record was acknowledged and before the tombstone was, the checkpoint still has the entity,
+/// so the restart publishes the delete again, tombstone included.
+#[test]
+fn a_delete_without_its_tombstone_acknowledged_is_published_again_after_kill9() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("cp.redb");
+    {
+        let mut store = RedbStore::open(&path)?;
+        store.apply(&[CheckpointOp::Upsert {
+            key: "node:n1".into(),
+            version: 3,
+            state: json!({"id": "n1", "version": 3, "title": "t", "status": 0, "createdTime": "2026-01-01T00:00:00Z"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+                .into(),
+        }])?;
+    }
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "tombstone_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(TOMBSTONE_CHILD_ENV, &path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.ends_with("ACKED node:n1:4") => break,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("child never acknowledged the delete record: {e}");
+            }
+        }
+    }
+    // Give a (wrong) commit of the Remove every chance to land before the kill.
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill()?;
+    child.wait()?;
+
+    let store = RedbStore::open(&path)?;
+    assert!(
+        store.load()?.entities.contains_key("node:n1"),
+        "the delete was marked delivered without its tombstone"
+    );
+    // The restart: the purge is seen again (history or a snapshot) and published whole.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let group = purge_group(&store)?;
+        let encoder = taskstream::encode::json::JsonEncoder;
+        let msgs = taskstream::encode::to_messages(&group, &encoder)?;
+        let sink = Arc::new(Recording::default());
+        let mut d = Delivery::new(
+            vec![sink.clone()],
+            Box::new(store),
+            DeliveryConfig::default(),
+        )?;
+        d.submit(msgs, group.ops).await?;
+        d.drain().await?;
+        let sent = sink.0.lock().unwrap().clone();
+        let ids: Vec<&str> = sent.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["node:n1:4", "node:n1:4:tombstone"]);
+        assert!(sent[1].payload.is_none() && sent[1].key == "n1");
+        assert!(!d.checkpoint().entities.contains_key("node:n1"));
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}

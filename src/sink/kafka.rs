@@ -18,7 +18,7 @@
 //! topic instead of failing its messages. Resends carry the same `ce_id` header, so a consumer
 //! can drop the duplicates a crash may cause.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -241,6 +241,11 @@ struct Books {
     /// A message resent by the current recovery failed again: the recovery starts over so
     /// that the order holds.
     restart: bool,
+    /// While a recovery is pending: per (route, key), the newest message delivered (by the
+    /// old producer, after an older message of some key failed). A resend of an older message
+    /// of that key would land after it, so the recovery sends it again last: on a compacted
+    /// topic the newest version (or tombstone) must stay the key's last record.
+    superseded: HashMap<(Route, String), (usize, Arc<Message>)>,
 }
 
 struct Pending {
@@ -411,6 +416,7 @@ impl KafkaSink {
                 backlog: BTreeMap::new(),
                 recovering: false,
                 restart: false,
+                superseded: HashMap::new(),
             }),
             wake: Notify::new(),
             progress_ms: AtomicU64::new(0),
@@ -532,6 +538,14 @@ impl Shared {
         };
         match error {
             None => {
+                if books.recovering || !books.backlog.is_empty() {
+                    let key = (pending.msg.route, pending.msg.key.clone());
+                    if books.superseded.get(&key).is_none_or(|(s, _)| *s < seq) {
+                        books
+                            .superseded
+                            .insert(key, (seq, Arc::clone(&pending.msg)));
+                    }
+                }
                 drop(books);
                 self.mark_progress();
                 pending.resolve(Ok(()));
@@ -715,6 +729,8 @@ impl Shared {
         }
 
         let mut resent = 0usize;
+        // Per (route, key): the highest sequence number this recovery resent.
+        let mut resent_keys: HashMap<(Route, String), usize> = HashMap::new();
         let mut wait = QUEUE_FULL_WAIT_MIN;
         loop {
             // The guard must not live across the sleep, hence the block.
@@ -723,15 +739,36 @@ impl Shared {
                 if books.restart {
                     return Err("a resent message failed again".into());
                 }
+                if books.backlog.is_empty() {
+                    let again = reasserts(&mut books.superseded, &resent_keys);
+                    if again.is_empty() {
+                        books.recovering = false;
+                        // The stall clock restarts with the resent messages.
+                        self.mark_progress();
+                        return Ok(resent);
+                    }
+                    tracing::info!(
+                        sink = NAME,
+                        keys = again.len(),
+                        "older records were resent after newer ones of the same keys; sending the newer ones again"
+                    );
+                    for msg in again {
+                        let seq = books.next_seq;
+                        books.next_seq += 1;
+                        // Nobody waits for this ack: the original was acknowledged already.
+                        let (tx, _) = oneshot::channel();
+                        books.backlog.insert(seq, Pending { msg, tx });
+                    }
+                }
                 let Some((seq, pending)) = books.backlog.pop_first() else {
-                    books.recovering = false;
-                    // The stall clock restarts with the resent messages.
-                    self.mark_progress();
-                    return Ok(resent);
+                    continue;
                 };
+                let key = (pending.msg.route, pending.msg.key.clone());
                 match Self::send_locked(&mut books, &self.topics, seq, pending) {
                     Ok(()) => {
                         resent += 1;
+                        let top = resent_keys.entry(key).or_default();
+                        *top = (*top).max(seq);
                         false
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), pending)) => {
@@ -783,6 +820,22 @@ impl Shared {
         let books = self.lock();
         (!books.recovering && !books.sent.is_empty()).then(|| self.since_progress())
     }
+}
+
+/// The messages to send again at the end of a recovery: for each key, the newest message
+/// delivered while the recovery was pending, when the recovery resent an older message of that
+/// key after it. Clears `superseded`.
+fn reasserts(
+    superseded: &mut HashMap<(Route, String), (usize, Arc<Message>)>,
+    resent: &HashMap<(Route, String), usize>,
+) -> Vec<Arc<Message>> {
+    let mut again: Vec<(usize, Arc<Message>)> = superseded
+        .drain()
+        .filter(|(key, (seq, _))| resent.get(key).is_some_and(|r| r < seq))
+        .map(|(_, v)| v)
+        .collect();
+    again.sort_by_key(|(seq, _)| *seq);
+    again.into_iter().map(|(_, m)| m).collect()
 }
 
 /// Runs recoveries when asked, and the stall watchdog in between.
@@ -916,6 +969,128 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entity_msg(key: &str, id: &str, payload: Option<&str>) -> Arc<Message> {
+        Arc::new(Message {
+            route: Route::Nodes,
+            event: if payload.is_some() {
+                "updated"
+            } else {
+                "tombstone"
+            }
+            .into(),
+            id: id.into(),
+            key: key.into(),
+            payload: payload.map(|p| p.as_bytes().to_vec()),
+            headers: vec![],
+        })
+    }
+
+    /// Issue 8 item 3, against librdkafka's mock cluster: an update's delivery fails (a
+    /// timeout while the broker was away) and goes to the backlog, while the old producer
+    /// still delivers the key's later tombstone. The recovery's resend of the update lands
+    /// after the tombstone; the tombstone must then be sent again, or compaction would bring
+    /// the deleted entity back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resend_never_leaves_an_older_record_last_for_its_key() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message as _;
+
+        let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let cfg = KafkaConfig {
+            enabled: true,
+            brokers: mock.bootstrap_servers(),
+            partitions: 1,
+            // The mock cluster has no admin API.
+            create_topics: false,
+            ..Default::default()
+        };
+        for topic in cfg.topics.distinct().keys() {
+            mock.create_topic(topic, 1, 1).unwrap();
+        }
+        let sink = KafkaSink::new(&cfg).unwrap();
+        sink.prepare().await.unwrap();
+        let shared = Arc::clone(&sink.shared);
+
+        let (update_tx, update_rx) = oneshot::channel();
+        let (tomb_tx, tomb_rx) = oneshot::channel();
+        let (generation, seq_update, seq_tomb) = {
+            let mut books = shared.lock();
+            let seq = books.next_seq;
+            books.next_seq += 2;
+            let pending = Pending {
+                msg: entity_msg("k", "node:k:5", Some("update v5")),
+                tx: update_tx,
+            };
+            let generation = books.generation;
+            books.sent.insert(seq, (generation, pending));
+            (generation, seq, seq + 1)
+        };
+        // The update's report: timed out. It goes to the backlog; a recovery is asked for.
+        shared.delivered(
+            generation,
+            seq_update,
+            Some(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )),
+        );
+        // The old producer still holds the later tombstone and delivers it.
+        {
+            let mut books = shared.lock();
+            assert!(books.recovering);
+            let pending = Pending {
+                msg: entity_msg("k", "node:k:6:tombstone", None),
+                tx: tomb_tx,
+            };
+            assert!(Shared::send_locked(&mut books, &shared.topics, seq_tomb, pending).is_ok());
+        }
+        tokio::time::timeout(Duration::from_secs(10), tomb_rx)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        // Now the recovery runs and resends the update.
+        sink.ensure_worker();
+        tokio::time::timeout(Duration::from_secs(20), update_rx)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), sink.flush())
+            .await
+            .unwrap()
+            .unwrap();
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "order-check")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset("synaptask.nodes", 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut got: Vec<Option<String>> = Vec::new();
+        let mut idle = Instant::now();
+        while idle.elapsed() < Duration::from_secs(3) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                idle = Instant::now();
+                got.push(m.payload().map(|p| String::from_utf8_lossy(p).to_string()));
+            }
+        }
+        assert_eq!(
+            got.first(),
+            Some(&None),
+            "the tombstone landed first: {got:?}"
+        );
+        assert!(got.contains(&Some("update v5".into())), "{got:?}");
+        assert_eq!(
+            got.last(),
+            Some(&None),
+            "a tombstone is the key's last record: {got:?}"
+        );
+    }
 
     #[test]
     fn defaults_and_unknown_keys() {
