@@ -78,7 +78,16 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
 
 async fn check_source(cfg: &Config) -> Result<String, AppError> {
     let token = cfg.source.token()?;
-    let (session, uid) = match establish(&cfg.source, &token, 16).await {
+    let (session, uid) = match establish(
+        &cfg.source,
+        &token,
+        crate::source::synaptask::session::DiffBuffer {
+            count: 16,
+            bytes: 1 << 20,
+        },
+    )
+    .await
+    {
         Ok(established) => established,
         Err(Attempt::Refused(e)) => return Err(e.into()),
         Err(Attempt::Failed(reason)) => {

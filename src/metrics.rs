@@ -41,6 +41,9 @@ metrics! {
     counter diffs_received_total,
     /// graph:diff payloads dropped because the pipeline was full (a reconcile follows).
     counter diffs_dropped_total,
+    /// Session control events (pongs, rate_limited events) dropped because the session loop
+    /// had 256 waiting; a server flooding them cannot grow memory.
+    counter control_events_dropped_total,
     /// Inputs that could not be parsed and went to the dead-letter route.
     counter dead_letters_total,
     /// Entity changes skipped because a newer or equal version was already known.

@@ -67,6 +67,28 @@ impl<K: Hash + Eq + Clone> SlidingWindow<K> {
         })
     }
 
+    /// Counts a hit now and returns its time, for [`SlidingWindow::moved`] once the request
+    /// is answered. Unlike [`SlidingWindow::try_hit`] it does not check the limit: the caller
+    /// waited for [`SlidingWindow::wait_time`] first.
+    pub fn hit(&mut self, key: &K) -> Instant {
+        let now = Instant::now();
+        self.prune(key, now).push_back(now);
+        now
+    }
+
+    /// Moves a hit counted at `sent` to `to` (later). The server counts a request when it
+    /// arrives, somewhere between our send and its answer; counting it at the answer keeps
+    /// our window at least as strict as the server's whatever the latency. A hit already
+    /// pruned is counted again at `to`.
+    pub fn moved(&mut self, key: &K, sent: Instant, to: Instant) {
+        let q = self.prune(key, to);
+        if let Some(i) = q.iter().position(|t| *t == sent) {
+            q.remove(i);
+        }
+        let at = q.partition_point(|t| *t <= to);
+        q.insert(at, to);
+    }
+
     /// Counts a hit that happened `ago` (before this limiter existed: an earlier run's
     /// attempts, read from the state store). Call oldest first, before any other hit.
     pub fn seed(&mut self, key: &K, ago: Duration) {
@@ -106,6 +128,20 @@ mod tests {
         // the first hit leaves the window at t0+10s
         assert!(w.try_hit_at(&"u", t0 + Duration::from_secs(10)));
         assert!(!w.try_hit_at(&"u", t0 + Duration::from_millis(10_500)));
+    }
+
+    #[test]
+    fn a_hit_moved_to_its_answer_holds_the_window_from_there() {
+        let mut w = SlidingWindow::new(2, Duration::from_secs(60));
+        let first = w.hit(&1);
+        w.hit(&1);
+        // The first request was answered 30 s after it was sent: the window counts from then.
+        let answered = first + Duration::from_secs(30);
+        w.moved(&1, first, answered);
+        let q = &w.hits[&1];
+        assert!(q.iter().is_sorted(), "hits stay in order");
+        assert_eq!(q.back(), Some(&answered));
+        assert!(w.wait_time(&1) > Duration::from_secs(59));
     }
 
     #[test]

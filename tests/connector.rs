@@ -540,7 +540,7 @@ async fn every_ack_answers_its_own_call() {
     // so replies can never be crossed. 300 calls, each for a different offset, each reply
     // checked against the page it asked for.
     use taskstream::secret::Secret;
-    use taskstream::source::synaptask::session::Session;
+    use taskstream::source::synaptask::session::{DiffBuffer, Session};
     let sim = SimProcess::start(&[
         "--tokens",
         &tokens(),
@@ -560,9 +560,17 @@ async fn every_ack_answers_its_own_call() {
             .cmp(&(b["createdTime"].as_str(), b["id"].as_str()))
     });
     let endpoint = format!("{}/socket.io/", sim.url());
-    let mut session = Session::open(&endpoint, &Secret::new(TOKEN), 16, Duration::from_secs(5))
-        .await
-        .expect("open");
+    let mut session = Session::open(
+        &endpoint,
+        &Secret::new(TOKEN),
+        DiffBuffer {
+            count: 16,
+            bytes: 1 << 20,
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("open");
     session
         .wait_connected(Duration::from_secs(5))
         .await

@@ -203,7 +203,7 @@ fn op_version(forward: &Map<String, Value>, op: &Map<String, Value>) -> Option<u
         op.get("guard")
             .and_then(|g| g.get("Version").or_else(|| g.get("version")))
             .and_then(Value::as_u64)
-            .map(|g| g + 1)
+            .and_then(|g| g.checked_add(1))
     })
 }
 
@@ -293,10 +293,9 @@ pub fn apply_batch(
         // another scope's batch): merging this patch alone would leave their fields stale at
         // this version. The live diff or a snapshot brings the entity whole; the status
         // transition below is still published.
-        let skips = view
-            .get(&kind.key(entity_id))
-            .is_some_and(|k| version > k.version + 1 && !super::looks_full(kind, &entry))
-            && !entry.contains_key("deleted");
+        let skips = view.get(&kind.key(entity_id)).is_some_and(|k| {
+            version > k.version.saturating_add(1) && !super::looks_full(kind, &entry)
+        }) && !entry.contains_key("deleted");
         let outcome = if skips {
             Outcome::Stale
         } else {

@@ -238,6 +238,9 @@ fn entity_record(
     }
 }
 
+/// The highest version a record carries (`i64::MAX`); an entity claiming more is refused.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
 /// Whether a live partial diff skips versions its own fields cannot explain, so that merging
 /// it onto the known state would keep fields of a missed change stale. A status change is
 /// always an op of its own (facts §3) and so is a link's `wasBlocker` or `type` change, so a
@@ -255,7 +258,10 @@ pub fn skips_versions(view: &View, kind: EntityKind, entry: &Map<String, Value>)
     ) else {
         return false;
     };
-    if version <= known.version + 1 || looks_full(kind, entry) || entry.contains_key("deleted") {
+    if version <= known.version.saturating_add(1)
+        || looks_full(kind, entry)
+        || entry.contains_key("deleted")
+    {
         return false;
     }
     let own_ops: &[&str] = match kind {
@@ -273,7 +279,7 @@ pub fn skips_versions(view: &View, kind: EntityKind, entry: &Map<String, Value>)
             other = 1;
         }
     }
-    version > known.version + separate + other
+    version > known.version.saturating_add(separate + other)
 }
 
 /// Applies one entity (a snapshot item or a diff entry) to the view.
@@ -295,6 +301,16 @@ pub fn apply_entity(
             id.len()
         ));
     }
+    // Records carry the version as a signed 64-bit sequence (Avro `long`, Java consumers), and
+    // a version at the top of the range would leave no room for the next one.
+    if let Some(v) = entry.get("version").and_then(Value::as_u64) {
+        if v > MAX_VERSION {
+            return Outcome::Invalid(format!(
+                "{} {id} version {v} is past {MAX_VERSION}",
+                kind.as_str()
+            ));
+        }
+    }
     let key = kind.key(id);
     let known = view.entities.get(&key);
     let sketch = if known.is_none() {
@@ -311,7 +327,7 @@ pub fn apply_entity(
         let version = entry
             .get("version")
             .and_then(Value::as_u64)
-            .unwrap_or(known.version + 1);
+            .unwrap_or(known.version.saturating_add(1));
         if version <= known.version {
             return Outcome::Stale;
         }
@@ -613,7 +629,10 @@ pub fn missing_after_snapshot(
             // one past an active known state. A listed version the view already has or passed
             // is stale and is left to `apply_entity`.
             if !is_trashed(&known.state) && !entry.contains_key("version") {
-                entry.insert("version".into(), Value::from(known.version + 1));
+                entry.insert(
+                    "version".into(),
+                    Value::from(known.version.saturating_add(1)),
+                );
             }
         }
         let unknown = !view.entities.contains_key(key);
@@ -664,7 +683,10 @@ pub fn missing_after_snapshot(
         if listing {
             entry.insert("deleted".into(), Value::Bool(true));
         } else {
-            let version = view.entities.get(&key).map_or(1, |k| k.version + 1);
+            let version = view
+                .entities
+                .get(&key)
+                .map_or(1, |k| k.version.saturating_add(1));
             entry.insert("inTrash".into(), Value::Bool(true));
             entry.insert("version".into(), Value::from(version));
             out.unresolved.push(key.clone());
@@ -1241,6 +1263,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn versions_at_the_top_of_the_range_are_refused_not_overflowed() {
+        // Found by the fuzz targets (tests/fuzz.rs): `known.version + 1` overflowed.
+        let mut view = View::default();
+        let top = obj(
+            json!({"id": "a", "title": "t", "status": 0, "version": MAX_VERSION,
+                             "createdTime": "2026-12-01T00:00:00Z"}),
+        );
+        let past = obj(json!({"id": "a", "title": "t", "status": 0, "version": u64::MAX}));
+        let apply = |view: &mut View, e: &Map<String, Value>| {
+            apply_entity(view, &ctx(), EntityKind::Node, e, Origin::Diff, &trace())
+        };
+        assert!(matches!(apply(&mut view, &past), Outcome::Invalid(_)));
+        assert!(matches!(apply(&mut view, &top), Outcome::Changed(_)));
+        let partial = obj(json!({"id": "a", "title": "u", "version": MAX_VERSION}));
+        assert!(!skips_versions(&view, EntityKind::Node, &partial));
+        let purge = obj(json!({"id": "a", "deleted": true}));
+        let _ = apply(&mut view, &purge);
     }
 
     #[test]

@@ -201,6 +201,15 @@ impl Outbox {
     }
 }
 
+/// A job frame's text as a frame: a JSON object with a string `type`; otherwise why not.
+pub fn parse_frame(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(frame)) if frame.get("type").is_some_and(Value::is_string) => Ok(frame),
+        Ok(_) => Err("frame is not an object with a string type".into()),
+        Err(e) => Err(format!("frame is not JSON: {e}")),
+    }
+}
+
 /// The source.
 pub struct JobsSource {
     cfg: JobsConfig,
@@ -293,8 +302,8 @@ impl JobsSource {
                 ),
             };
         }
-        match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(frame)) if frame.get("type").is_some_and(Value::is_string) => {
+        match parse_frame(text) {
+            Ok(frame) => {
                 let index = self.next_index;
                 self.next_index += 1;
                 SourceEvent::Job {
@@ -304,15 +313,10 @@ impl JobsSource {
                     frame,
                 }
             }
-            Ok(_) => SourceEvent::Malformed {
+            Err(reason) => SourceEvent::Malformed {
                 event: "job_frame".into(),
                 raw: text.as_bytes().to_vec(),
-                reason: "frame is not an object with a string type".into(),
-            },
-            Err(e) => SourceEvent::Malformed {
-                event: "job_frame".into(),
-                raw: text.as_bytes().to_vec(),
-                reason: format!("frame is not JSON: {e}"),
+                reason,
             },
         }
     }

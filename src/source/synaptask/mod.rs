@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::history::{CatchUpEnd, Scope, ScopeState};
 use self::reads::{ReadError, Reader};
-use self::session::{Inbound, Refusal, Session};
+use self::session::{DiffBuffer, Inbound, Refusal, Session};
 use self::snapshot::SnapshotEnd;
 use super::{Control, Source, SourceError, SourceEvent};
 use crate::delivery::SharedStore;
@@ -94,6 +94,9 @@ pub struct SynapTaskConfig {
     /// Live diffs held while the pipeline is busy; beyond it they are dropped and a history
     /// catch-up recovers them.
     pub diff_buffer: usize,
+    /// Bytes of live diffs held at most (their parsed size); beyond it they are dropped like
+    /// past `diff_buffer`.
+    pub diff_buffer_bytes: usize,
     /// List the trash after a snapshot, to tell trashed from deleted entities that disappeared.
     pub trash_listing: bool,
     /// Limit the source to one branch: its root node id, or a public token. Snapshots page
@@ -142,6 +145,7 @@ impl Default for SynapTaskConfig {
             heartbeat_ms: 15_000,
             heartbeat_timeout_ms: 45_000,
             diff_buffer: 10_000,
+            diff_buffer_bytes: 64 << 20,
             trash_listing: true,
             root: None,
             history: true,
@@ -179,6 +183,12 @@ impl SynapTaskConfig {
                 "source.read_budget and source.connects_per_minute must be at least 1".into(),
             );
         }
+        if self.diff_buffer == 0 || self.diff_buffer_bytes < 1024 {
+            return Err(
+                "source.diff_buffer must be at least 1 and source.diff_buffer_bytes at least 1024"
+                    .into(),
+            );
+        }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(format!(
                 "source.url must start with http:// or https://, got {:?}",
@@ -197,6 +207,14 @@ impl SynapTaskConfig {
             .min(self.backoff_max_ms)
             .max(1);
         Duration::from_millis(rand::thread_rng().gen_range(0..=cap))
+    }
+
+    /// How many live diffs a session holds, in count and in bytes.
+    pub fn diff_buffer(&self) -> DiffBuffer {
+        DiffBuffer {
+            count: self.diff_buffer,
+            bytes: self.diff_buffer_bytes,
+        }
     }
 
     /// The Engine.IO URL: server URL plus the Socket.IO path.
@@ -244,12 +262,12 @@ pub enum Attempt {
 pub async fn establish(
     cfg: &SynapTaskConfig,
     token: &Secret,
-    diff_buffer: usize,
+    buffer: DiffBuffer,
 ) -> Result<(Session, String), Attempt> {
     let mut session = Session::open(
         &cfg.endpoint(),
         token,
-        diff_buffer,
+        buffer,
         Duration::from_millis(cfg.ack_timeout_ms),
     )
     .await
@@ -475,7 +493,7 @@ impl SynapTaskSource {
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            connects.try_hit(&());
+            let sent = connects.hit(&());
             inc(&metrics().connect_attempts_total);
             if let Some(store) = &connect_log {
                 // Before the attempt: a crash right after it must still count it.
@@ -489,8 +507,10 @@ impl SynapTaskSource {
             }
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                a = establish(&self.cfg, &self.token, self.cfg.diff_buffer) => a,
+                a = establish(&self.cfg, &self.token, self.cfg.diff_buffer()) => a,
             };
+            // Counted from when the handshake ended, as reads are (see `reads`).
+            connects.moved(&(), sent, std::time::Instant::now());
             let (mut session, uid) = match attempt {
                 Ok(established) => established,
                 Err(Attempt::Refused(e)) => return Err(e),

@@ -113,15 +113,24 @@ impl Reader {
                     .read_budget_wait_ms_total
                     .fetch_add(queued.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
-            self.budget
+            let sent = self
+                .budget
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .try_hit(&event);
+                .hit(&event);
             inc(&metrics().reads_total);
             let reply = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(ReadError::Shutdown),
                 r = self.caller.call(event, data.clone()) => r,
             };
+            // The server counted this read when it arrived, which may be well after we sent
+            // it on a loaded machine (CI once saw a read refused with the window kept from
+            // the send time): count it from the answer, the latest it can have arrived.
+            self.budget.lock().unwrap_or_else(|e| e.into_inner()).moved(
+                &event,
+                sent,
+                std::time::Instant::now(),
+            );
             match reply {
                 Ok(ack) if ack.get("ok").and_then(Value::as_bool) == Some(true) => return Ok(ack),
                 Ok(ack) => {

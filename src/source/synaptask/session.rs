@@ -2,7 +2,9 @@
 //! (`shared/notes/crates.md`):
 //! - callbacks run inline and stall the Engine.IO heartbeat when slow, so every callback only
 //!   hands its payload to a channel (`try_send`; a full diff channel drops and counts instead of
-//!   blocking, and the source reconciles afterwards);
+//!   blocking, and the source reconciles afterwards). Both channels are bounded: diffs in count
+//!   and in bytes (a few huge payloads must not hold gigabytes), control events in count, with
+//!   the one that ends a session kept aside so that a flood of others cannot hide it;
 //! - `connect()` returns `Ok` even when the server refuses the token, so success is decided by
 //!   the `connected` event, with a timeout;
 //! - ack ids are random in 0..999 and collide under concurrency, so [`Session::call`] is used by
@@ -12,7 +14,7 @@
 //! - the client's own reconnection does not survive a server disconnect, so it is switched off
 //!   and the source builds a fresh session each time.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ use futures_util::FutureExt;
 use rust_socketio::asynchronous::{Client, ClientBuilder};
 use rust_socketio::{Event, Payload, TransportType};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::metrics::{inc, metrics};
 use crate::secret::Secret;
@@ -73,13 +75,75 @@ pub struct Caller {
     ack_timeout: Duration,
 }
 
+/// How many live diffs a session holds for the source before it drops them.
+#[derive(Debug, Clone, Copy)]
+pub struct DiffBuffer {
+    /// Payloads.
+    pub count: usize,
+    /// Bytes, as [`approx_bytes`] counts them.
+    pub bytes: usize,
+}
+
+/// Control events held at most; beyond it pongs and the like are dropped (and counted), while
+/// the event that ends the session is kept aside.
+const CONTROL_BUFFER: usize = 256;
+
 /// An open session: the client plus the channels its callbacks feed.
 pub struct Session {
     client: Client,
-    control: mpsc::UnboundedReceiver<Inbound>,
-    diffs: mpsc::Receiver<Inbound>,
+    control: mpsc::Receiver<Inbound>,
+    /// The first event that ends the session when the control channel was full.
+    ended: Arc<Ended>,
+    diffs: mpsc::Receiver<(Inbound, usize)>,
+    queued_bytes: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     ack_timeout: Duration,
+}
+
+/// The event that ends a session, kept beside the control channel.
+#[derive(Default)]
+struct Ended {
+    event: Mutex<Option<Inbound>>,
+    notify: Notify,
+}
+
+impl Ended {
+    fn take(&self) -> Option<Inbound> {
+        self.event.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Hands a control event to the session loop without blocking the callback. When the channel
+/// is full the event is dropped and counted, unless it ends the session: that one is kept.
+fn send_control(tx: &mpsc::Sender<Inbound>, ended: &Ended, msg: Inbound) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
+        match msg {
+            Inbound::Closed(_) | Inbound::ConnectError(_) => {
+                let mut slot = ended.event.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(msg);
+                    ended.notify.notify_one();
+                }
+            }
+            _ => inc(&metrics().control_events_dropped_total),
+        }
+    }
+}
+
+/// Roughly the memory a parsed JSON value holds: its text's length plus a little per value.
+/// Parsed values are at most 128 levels deep (serde_json's limit), so the recursion is bounded.
+pub fn approx_bytes(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+        Value::String(s) => s.len() + 8,
+        Value::Array(a) => a.iter().map(approx_bytes).sum::<usize>() + 8,
+        Value::Object(m) => {
+            m.iter()
+                .map(|(k, v)| k.len() + 8 + approx_bytes(v))
+                .sum::<usize>()
+                + 8
+        }
+    }
 }
 
 fn first_value(payload: Payload) -> Result<Value, (Vec<u8>, String)> {
@@ -115,14 +179,16 @@ impl Session {
     pub async fn open(
         url: &str,
         token: &Secret,
-        diff_buffer: usize,
+        buffer: DiffBuffer,
         ack_timeout: Duration,
     ) -> Result<Self, String> {
-        let (control_tx, control) = mpsc::unbounded_channel();
-        let (diff_tx, diffs) = mpsc::channel(diff_buffer.max(1));
+        let (control_tx, control) = mpsc::channel(CONTROL_BUFFER);
+        let ended = Arc::new(Ended::default());
+        let (diff_tx, diffs) = mpsc::channel(buffer.count.max(1));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
 
-        let c = control_tx.clone();
+        let (c, e) = (control_tx.clone(), ended.clone());
         let on_connected = move |p: Payload, _: Client| {
             let msg = match first_value(p) {
                 Ok(v) => Inbound::Connected(v),
@@ -130,38 +196,49 @@ impl Session {
                     Inbound::ConnectError(format!("unreadable connected event: {reason}"))
                 }
             };
-            let _ = c.send(msg);
+            send_control(&c, &e, msg);
             async {}.boxed()
         };
         let d = dropped.clone();
+        let q = queued_bytes.clone();
         let on_diff = move |p: Payload, _: Client| {
             inc(&metrics().diffs_received_total);
-            let msg = match first_value(p) {
-                Ok(v) => Inbound::Diff(v, std::time::Instant::now()),
-                Err((raw, reason)) => Inbound::BadDiff { raw, reason },
+            let (msg, size) = match first_value(p) {
+                Ok(v) => {
+                    let size = approx_bytes(&v);
+                    (Inbound::Diff(v, std::time::Instant::now()), size)
+                }
+                Err((raw, reason)) => {
+                    let size = raw.len() + reason.len();
+                    (Inbound::BadDiff { raw, reason }, size)
+                }
             };
-            if diff_tx.try_send(msg).is_err() {
+            // Only this callback adds to the count, so checking then adding cannot overshoot.
+            let fits = q.load(Ordering::Relaxed).saturating_add(size) <= buffer.bytes;
+            if fits && diff_tx.try_send((msg, size)).is_ok() {
+                q.fetch_add(size, Ordering::Relaxed);
+            } else {
                 d.fetch_add(1, Ordering::Relaxed);
                 inc(&metrics().diffs_dropped_total);
             }
             async {}.boxed()
         };
-        let c = control_tx.clone();
+        let (c, e) = (control_tx.clone(), ended.clone());
         let on_pong = move |_: Payload, _: Client| {
-            let _ = c.send(Inbound::Pong);
+            send_control(&c, &e, Inbound::Pong);
             async {}.boxed()
         };
-        let c = control_tx.clone();
+        let (c, e) = (control_tx.clone(), ended.clone());
         let on_rate_limited = move |_: Payload, _: Client| {
-            let _ = c.send(Inbound::RateLimitedEvent);
+            send_control(&c, &e, Inbound::RateLimitedEvent);
             async {}.boxed()
         };
-        let c = control_tx.clone();
+        let (c, e) = (control_tx.clone(), ended.clone());
         let on_close = move |_: Payload, _: Client| {
-            let _ = c.send(Inbound::Closed("server disconnect".into()));
+            send_control(&c, &e, Inbound::Closed("server disconnect".into()));
             async {}.boxed()
         };
-        let c = control_tx;
+        let (c, e) = (control_tx, ended.clone());
         let on_error = move |p: Payload, _: Client| {
             let text = match first_value(p) {
                 Ok(Value::String(s)) => s,
@@ -173,7 +250,7 @@ impl Session {
             } else {
                 Inbound::Closed(format!("socket error: {text}"))
             };
-            let _ = c.send(msg);
+            send_control(&c, &e, msg);
             async {}.boxed()
         };
         let client = ClientBuilder::new(url)
@@ -196,9 +273,30 @@ impl Session {
         Ok(Self {
             client,
             control,
+            ended,
             diffs,
+            queued_bytes,
             dropped,
             ack_timeout,
+        })
+    }
+
+    /// The next control event: one kept aside because the channel was full comes first.
+    async fn next_control(&mut self) -> Option<Inbound> {
+        if let Some(m) = self.ended.take() {
+            return Some(m);
+        }
+        tokio::select! {
+            biased;
+            _ = self.ended.notify.notified() => self.ended.take(),
+            m = self.control.recv() => m,
+        }
+    }
+
+    fn took_diff(&self, m: Option<(Inbound, usize)>) -> Option<Inbound> {
+        m.map(|(m, size)| {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            m
         })
     }
 
@@ -206,7 +304,7 @@ impl Session {
     pub async fn wait_connected(&mut self, timeout: Duration) -> Result<String, Refusal> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.control.recv()).await;
+            let msg = tokio::time::timeout_at(deadline, self.next_control()).await;
             match msg {
                 Err(_) => return Err(Refusal::Other("no connected event in time".into())),
                 Ok(None) => return Err(Refusal::Other("session closed".into())),
@@ -246,17 +344,23 @@ impl Session {
 
     /// The next thing the callbacks saw: control messages first, then diffs in order.
     pub async fn next(&mut self) -> Option<Inbound> {
-        tokio::select! {
-            biased;
-            m = self.control.recv() => m,
-            m = self.diffs.recv() => m,
+        if let Some(m) = self.ended.take() {
+            return Some(m);
         }
+        let m = tokio::select! {
+            biased;
+            _ = self.ended.notify.notified() => return self.ended.take(),
+            m = self.control.recv() => return m,
+            m = self.diffs.recv() => m,
+        };
+        self.took_diff(m)
     }
 
     /// A diff already received, without waiting: lets the source forward every diff that
     /// arrived before a read's ack ahead of the read's outcome.
     pub fn try_next_diff(&mut self) -> Option<Inbound> {
-        self.diffs.try_recv().ok()
+        let m = self.diffs.try_recv().ok();
+        self.took_diff(m)
     }
 
     /// A handle for acked calls, usable while [`Session::next`] is awaited elsewhere.
@@ -351,5 +455,45 @@ mod tests {
         assert_eq!(unwrap_ack(json!([{"ok": true}])), json!({"ok": true}));
         assert_eq!(unwrap_ack(json!({"ok": true})), json!({"ok": true}));
         assert_eq!(unwrap_ack(json!([1, 2])), json!([1, 2]));
+    }
+
+    #[test]
+    fn approx_bytes_grows_with_the_text() {
+        let small = json!({"id": "a", "version": 1});
+        let big = json!({"id": "a", "version": 1, "title": "x".repeat(1 << 20)});
+        assert!(approx_bytes(&small) < 100);
+        assert!(approx_bytes(&big) > 1 << 20);
+        assert!(approx_bytes(&json!([[[[]]]])) > approx_bytes(&json!([])));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_control_events_never_hides_the_end_of_the_session() {
+        let (tx, mut rx) = mpsc::channel(CONTROL_BUFFER);
+        let ended = Ended::default();
+        let dropped = metrics()
+            .control_events_dropped_total
+            .load(Ordering::Relaxed);
+        for _ in 0..CONTROL_BUFFER + 10 {
+            send_control(&tx, &ended, Inbound::Pong);
+        }
+        send_control(&tx, &ended, Inbound::Closed("server disconnect".into()));
+        send_control(&tx, &ended, Inbound::Closed("later".into()));
+        assert!(
+            metrics()
+                .control_events_dropped_total
+                .load(Ordering::Relaxed)
+                >= dropped + 10,
+            "the pongs past the bound are counted"
+        );
+        assert!(matches!(ended.take(), Some(Inbound::Closed(r)) if r == "server disconnect"));
+        assert!(ended.take().is_none());
+        let mut held = 0;
+        while rx.try_recv().is_ok() {
+            held += 1;
+        }
+        assert_eq!(
+            held, CONTROL_BUFFER,
+            "the channel holds its bound and no more"
+        );
     }
 }
