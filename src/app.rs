@@ -802,7 +802,7 @@ pub async fn run(
     };
     let source = source
         .resume_from(&checkpoint.history, checkpoint.snapshot_complete)
-        .with_connect_log(delivery.store(), &checkpoint.connects);
+        .with_attempt_log(delivery.store(), &checkpoint.connects, &checkpoint.reads);
     let snapshot_before = checkpoint.snapshot_complete;
     let mut spooled = Vec::new();
     let jobs = if cfg.jobs.enabled {

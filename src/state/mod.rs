@@ -51,6 +51,9 @@ pub struct Checkpoint {
     /// Recent SynapTask connection attempts (Unix milliseconds, oldest first), so a connector
     /// restarted in a loop still keeps to the server's connect limit.
     pub connects: Vec<u64>,
+    /// Recent SynapTask reads: (event name, Unix milliseconds of the answer, or of the send
+    /// while unanswered), so a restarted connector still keeps to the read limit.
+    pub reads: Vec<(String, u64)>,
 }
 
 /// Connection attempts older than this are forgotten by every store.
@@ -94,6 +97,16 @@ pub enum CheckpointOp {
     /// connecting, not through the delivery window).
     ConnectAttempt {
         /// Unix milliseconds.
+        at_ms: u64,
+    },
+    /// A read sent at `sent_ms` counted at `at_ms` (its send, then its answer: the server
+    /// counted it in between). Written outside the delivery window, like connect attempts.
+    ReadAttempt {
+        /// The read event.
+        event: String,
+        /// Unix milliseconds of the send: identifies the attempt.
+        sent_ms: u64,
+        /// Unix milliseconds it counts from.
         at_ms: u64,
     },
     /// Job frames of a client delivered up to this count.
@@ -193,6 +206,23 @@ pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
         CheckpointOp::JobEpoch { client_id, epoch } => {
             let e = cp.job_epochs.entry(client_id.clone()).or_default();
             *e = (*e).max(*epoch);
+        }
+        CheckpointOp::ReadAttempt {
+            event,
+            sent_ms,
+            at_ms,
+        } => {
+            // The memory store keeps one entry per attempt like redb: the answer replaces the send.
+            if let Some(i) = cp
+                .reads
+                .iter()
+                .position(|(e, t)| e == event && t == sent_ms)
+            {
+                cp.reads.remove(i);
+            }
+            cp.reads.push((event.clone(), *at_ms));
+            cp.reads
+                .retain(|(_, t)| at_ms.saturating_sub(*t) < CONNECTS_KEPT_MS);
         }
         CheckpointOp::ConnectAttempt { at_ms } => {
             cp.connects.push(*at_ms);

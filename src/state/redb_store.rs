@@ -11,6 +11,7 @@
 //! - `history`: history scope → highest delivered op id.
 //! - `job_epochs`: job-API client id → epoch of its latest run.
 //! - `connects`: Unix milliseconds of recent connection attempts → 0.
+//! - `reads`: (read event, Unix milliseconds sent) → Unix milliseconds it counts from.
 //!
 //! The last three were added without a format bump: a file written before them simply has
 //! none of these rows yet.
@@ -30,6 +31,7 @@ const JOBS: TableDefinition<&str, u64> = TableDefinition::new("jobs");
 const HISTORY: TableDefinition<&str, u64> = TableDefinition::new("history");
 const JOB_EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("job_epochs");
 const CONNECTS: TableDefinition<u64, u64> = TableDefinition::new("connects");
+const READS: TableDefinition<(&str, u64), u64> = TableDefinition::new("reads");
 
 const META_FORMAT: &str = "format";
 const META_SNAPSHOT_COMPLETE: &str = "snapshot_complete";
@@ -81,6 +83,7 @@ impl RedbStore {
             txn.open_table(HISTORY).map_err(io)?;
             txn.open_table(JOB_EPOCHS).map_err(io)?;
             txn.open_table(CONNECTS).map_err(io)?;
+            txn.open_table(READS).map_err(io)?;
             let mut meta = txn.open_table(META).map_err(io)?;
             let format = meta.get(META_FORMAT).map_err(io)?.map(|g| g.value());
             match format {
@@ -149,6 +152,12 @@ impl CheckpointStore for RedbStore {
             let (at_ms, _) = row.map_err(io)?;
             cp.connects.push(at_ms.value());
         }
+        let reads = txn.open_table(READS).map_err(io)?;
+        for row in reads.iter().map_err(io)? {
+            let (key, at_ms) = row.map_err(io)?;
+            cp.reads.push((key.value().0.to_owned(), at_ms.value()));
+        }
+        cp.reads.sort_by_key(|(_, t)| *t);
         Ok(cp)
     }
 
@@ -166,6 +175,7 @@ impl CheckpointStore for RedbStore {
             let mut history = txn.open_table(HISTORY).map_err(io)?;
             let mut epochs = txn.open_table(JOB_EPOCHS).map_err(io)?;
             let mut connects = txn.open_table(CONNECTS).map_err(io)?;
+            let mut reads = txn.open_table(READS).map_err(io)?;
             let mut tables = Tables {
                 entities: &mut entities,
                 meta: &mut meta,
@@ -173,6 +183,7 @@ impl CheckpointStore for RedbStore {
                 history: &mut history,
                 epochs: &mut epochs,
                 connects: &mut connects,
+                reads: &mut reads,
             };
             for op in ops {
                 apply_one(&mut tables, op)?;
@@ -191,6 +202,7 @@ struct Tables<'a, 't> {
     history: &'a mut Table<'t, &'static str, u64>,
     epochs: &'a mut Table<'t, &'static str, u64>,
     connects: &'a mut Table<'t, u64, u64>,
+    reads: &'a mut Table<'t, (&'static str, u64), u64>,
 }
 
 /// Same semantics as [`super::apply_op`], against the tables of one write transaction.
@@ -202,6 +214,7 @@ fn apply_one(t: &mut Tables<'_, '_>, op: &CheckpointOp) -> Result<(), StateError
         history,
         epochs,
         connects,
+        reads,
     } = t;
     match op {
         CheckpointOp::Upsert {
@@ -247,6 +260,17 @@ fn apply_one(t: &mut Tables<'_, '_>, op: &CheckpointOp) -> Result<(), StateError
             if current.is_none_or(|c| c < *epoch) {
                 epochs.insert(client_id.as_str(), *epoch).map_err(io)?;
             }
+        }
+        CheckpointOp::ReadAttempt {
+            event,
+            sent_ms,
+            at_ms,
+        } => {
+            reads
+                .insert((event.as_str(), *sent_ms), *at_ms)
+                .map_err(io)?;
+            let cutoff = at_ms.saturating_sub(super::CONNECTS_KEPT_MS);
+            reads.retain(|_, t| t > cutoff).map_err(io)?;
         }
         CheckpointOp::ConnectAttempt { at_ms } => {
             connects.insert(*at_ms, 0).map_err(io)?;
@@ -396,6 +420,27 @@ mod tests {
             apply_op(&mut expected, &op);
         }
         assert_eq!(store.load()?, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn read_attempts_count_from_their_answer_and_old_ones_are_forgotten() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("cp.redb");
+        let mut store = RedbStore::open(&path)?;
+        let read = |sent_ms, at_ms| CheckpointOp::ReadAttempt {
+            event: "history:page".into(),
+            sent_ms,
+            at_ms,
+        };
+        let t = 50 * 60 * 1000;
+        store.apply(&[read(1000, 1000)])?;
+        store.apply(&[read(t, t), read(t, t + 300)])?;
+        store.apply(&[CheckpointOp::ConnectAttempt { at_ms: t }])?;
+        drop(store);
+        let cp = RedbStore::open(&path)?.load()?;
+        assert_eq!(cp.reads, vec![("history:page".to_string(), t + 300)]);
+        assert_eq!(cp.connects, vec![t]);
         Ok(())
     }
 

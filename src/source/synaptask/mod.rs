@@ -301,8 +301,15 @@ pub struct SynapTaskSource {
     snapshot_done: bool,
     /// The server answered that it has no `history:page`: every gap needs a snapshot.
     history_off: bool,
-    /// Where connection attempts are kept, and those of earlier runs.
-    connect_log: Option<(SharedStore, Vec<u64>)>,
+    /// Where connection and read attempts are kept, and those of earlier runs.
+    connect_log: Option<AttemptLog>,
+}
+
+/// Where connection and read attempts are kept, and those of earlier runs.
+struct AttemptLog {
+    store: SharedStore,
+    connects: Vec<u64>,
+    reads: Vec<(String, u64)>,
 }
 
 /// Why serving a session stopped.
@@ -381,11 +388,20 @@ impl SynapTaskSource {
 
     /// Starts from the delivered checkpoint: its history positions and whether a complete
     /// snapshot was delivered (then a restart replays history instead of taking a snapshot).
-    /// Keeps connection attempts in `store` and counts `recent` ones (Unix ms, from earlier
-    /// runs) against the connect budget, so a connector restarted in a loop by a supervisor
-    /// still keeps to the server's connect limit.
-    pub fn with_connect_log(mut self, store: SharedStore, recent: &[u64]) -> Self {
-        self.connect_log = Some((store, recent.to_vec()));
+    /// Keeps connection and read attempts in `store` and counts the `connects` and `reads`
+    /// of earlier runs (Unix ms) against the budgets, so a connector restarted in a loop by a
+    /// supervisor still keeps to the server's connect and read limits.
+    pub fn with_attempt_log(
+        mut self,
+        store: SharedStore,
+        connects: &[u64],
+        reads: &[(String, u64)],
+    ) -> Self {
+        self.connect_log = Some(AttemptLog {
+            store,
+            connects: connects.to_vec(),
+            reads: reads.to_vec(),
+        });
         self
     }
 
@@ -449,18 +465,24 @@ impl SynapTaskSource {
     ) -> Result<(), SourceError> {
         let mut connects: SlidingWindow<()> =
             SlidingWindow::new(self.cfg.connects_per_minute, Duration::from_secs(60));
-        let connect_log = self.connect_log.take().map(|(store, recent)| {
-            let now = crate::record::unix_millis();
-            for t in recent {
-                connects.seed(&(), Duration::from_millis(now.saturating_sub(t)));
-            }
-            store
-        });
         // Outlives sessions: the server's read windows do not restart when we reconnect.
-        let budget = Arc::new(Mutex::new(SlidingWindow::new(
+        let mut reads = SlidingWindow::new(
             self.cfg.read_budget,
             Duration::from_millis(self.cfg.read_window_ms),
-        )));
+        );
+        let connect_log = self.connect_log.take().map(|log| {
+            let now = crate::record::unix_millis();
+            for t in log.connects {
+                connects.seed(&(), Duration::from_millis(now.saturating_sub(t)));
+            }
+            for (event, t) in log.reads {
+                if let Some(event) = reads::READ_EVENTS.iter().find(|e| **e == event) {
+                    reads.seed(event, Duration::from_millis(now.saturating_sub(t)));
+                }
+            }
+            log.store
+        });
+        let budget = Arc::new(Mutex::new(reads));
         let mut failures: u32 = 0;
         loop {
             // Backoff with full jitter, then the connect budget: the budget alone caps attempts
@@ -533,7 +555,8 @@ impl SynapTaskSource {
                 self.cfg.clone(),
                 out.clone(),
                 shutdown.clone(),
-            );
+            )
+            .with_log(connect_log.clone());
             let stop = self
                 .serve(&mut session, &uid, &reader, &mut control)
                 .await?;

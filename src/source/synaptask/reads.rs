@@ -17,10 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::session::{CallError, Caller};
 use super::SynapTaskConfig;
+use crate::delivery::SharedStore;
 use crate::metrics::{inc, metrics};
 use crate::ratelimit::SlidingWindow;
 use crate::record::EntityKind;
 use crate::source::{SourceError, SourceEvent};
+use crate::state::CheckpointOp;
+
+/// The read events, the keys of the read budget.
+pub const READ_EVENTS: [&str; 4] = ["graph:get", "branch:get", "history:page", "trash:page"];
 
 /// Why a read gave no usable answer.
 #[derive(Debug)]
@@ -49,6 +54,8 @@ pub struct Reader {
     pub out: mpsc::Sender<SourceEvent>,
     /// The run's shutdown.
     pub shutdown: CancellationToken,
+    /// Where read attempts are kept for the next run's budget.
+    log: Option<SharedStore>,
 }
 
 impl Reader {
@@ -67,6 +74,28 @@ impl Reader {
             cfg,
             out,
             shutdown,
+            log: None,
+        }
+    }
+
+    /// Keeps every read attempt in `store`, so that a restarted connector counts them.
+    pub fn with_log(mut self, store: Option<SharedStore>) -> Self {
+        self.log = store;
+        self
+    }
+
+    /// Records a read attempt; a store error is logged, never fatal (the budget in memory still
+    /// holds for this run).
+    async fn log_attempt(&self, event: &'static str, sent_ms: u64, at_ms: u64) {
+        if let Some(store) = &self.log {
+            let op = CheckpointOp::ReadAttempt {
+                event: event.to_string(),
+                sent_ms,
+                at_ms,
+            };
+            if let Err(e) = store.apply(vec![op]).await {
+                tracing::warn!(error = %e, "cannot record the read attempt in the state store");
+            }
         }
     }
 
@@ -119,6 +148,9 @@ impl Reader {
                 .unwrap_or_else(|e| e.into_inner())
                 .hit(&event);
             inc(&metrics().reads_total);
+            // Before the read: a crash right after it must still count it.
+            let sent_ms = crate::record::unix_millis();
+            self.log_attempt(event, sent_ms, sent_ms).await;
             let reply = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(ReadError::Shutdown),
                 r = self.caller.call(event, data.clone()) => r,
@@ -131,6 +163,8 @@ impl Reader {
                 sent,
                 std::time::Instant::now(),
             );
+            self.log_attempt(event, sent_ms, crate::record::unix_millis())
+                .await;
             match reply {
                 Ok(ack) if ack.get("ok").and_then(Value::as_bool) == Some(true) => return Ok(ack),
                 Ok(ack) => {
