@@ -35,22 +35,18 @@ pub struct Config {
     pub sinks: SinksConfig,
     /// `[metrics]`: the Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// `[schema_registry]`: where Avro schemas are registered (used by Avro sinks only).
+    pub schema_registry: crate::encode::registry::RegistryConfig,
 }
 
-/// Record body formats.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BodyFormat {
-    /// JSON documents (`application/json`).
-    #[default]
-    Json,
-}
+pub use crate::encode::Format as BodyFormat;
 
 /// `[encoding]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncodingConfig {
-    /// Body format: `json`.
+    /// The broker sinks' body format where `sinks.<name>.format` is not set: `json` or `avro`.
+    /// The stdout / file sink always writes JSON lines.
     pub format: BodyFormat,
 }
 
@@ -122,7 +118,28 @@ impl Config {
                 "delivery.max_in_flight and delivery.max_batch must be at least 1".into(),
             ));
         }
+        if self.avro_needed() && self.schema_registry.url.is_none() {
+            return Err(ConfigError::Invalid(
+                "a sink has format = \"avro\" but schema_registry.url is not set".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The Kafka sink's body format.
+    pub fn kafka_format(&self) -> BodyFormat {
+        self.sinks.kafka.format.unwrap_or(self.encoding.format)
+    }
+
+    /// The NATS sink's body format.
+    pub fn nats_format(&self) -> BodyFormat {
+        self.sinks.nats.format.unwrap_or(self.encoding.format)
+    }
+
+    /// Whether an enabled sink writes Avro.
+    pub fn avro_needed(&self) -> bool {
+        (self.sinks.kafka.enabled && self.kafka_format() == BodyFormat::Avro)
+            || (self.sinks.nats.enabled && self.nats_format() == BodyFormat::Avro)
     }
 
     /// The path of the state store, if persistent.

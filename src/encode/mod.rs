@@ -1,14 +1,28 @@
 //! Encoding: turns a normalised [`Group`] into the broker-neutral [`Message`]s sinks publish,
 //! with the CloudEvents headers (`ce_*`), `content-type`, `trace_id` and `traceparent`.
-//! The body format is an [`Encoder`]; JSON is the one implemented.
+//! The body format is an [`Encoder`]: JSON always (the file sink and JSON sinks), Avro as well
+//! when a broker sink has `format = "avro"`.
 
+pub mod avro;
 pub mod json;
+pub mod registry;
 
 use std::sync::Arc;
 
 use crate::normalize::Group;
 use crate::record::{header_safe, Body, EntityKind, Record};
 use crate::sink::{Message, Route};
+
+/// A sink's body format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// JSON documents (`application/json`).
+    #[default]
+    Json,
+    /// Avro binary in the Confluent wire format, schemas from `[schema_registry]`.
+    Avro,
+}
 
 /// Why a record could not be encoded (fatal: a bug or a schema mismatch, never input data).
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +42,8 @@ pub trait Encoder: Send + Sync {
     fn encode(&self, record: &Record) -> Result<Vec<u8>, EncodeError>;
 }
 
-fn route_of(record: &Record) -> Route {
+/// The topic / subject family a record goes to.
+pub(crate) fn route_of(record: &Record) -> Route {
     match &record.body {
         Body::Entity {
             kind: EntityKind::Node,
@@ -67,8 +82,18 @@ fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
 
 /// The messages of one group, in publish order: each record, then the delete's tombstone.
 pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Message>>, EncodeError> {
+    to_messages_with(group, encoder, None)
+}
+
+/// [`to_messages`], with each record also in Avro when an Avro sink needs it.
+pub fn to_messages_with(
+    group: &Group,
+    encoder: &dyn Encoder,
+    avro: Option<&avro::AvroEncoder>,
+) -> Result<Vec<Arc<Message>>, EncodeError> {
     let mut out = Vec::with_capacity(group.records.len() + 1);
     for record in &group.records {
+        let avro = avro.map(|a| a.encode_with_id(record)).transpose()?;
         out.push(Arc::new(Message {
             route: route_of(record),
             event: record.event_name(),
@@ -76,6 +101,7 @@ pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Messa
             key: record.key().to_string(),
             payload: Some(encoder.encode(record)?),
             headers: headers(record, encoder.content_type()),
+            avro,
         }));
     }
     if let Some((kind, id)) = &group.tombstone {
@@ -98,6 +124,7 @@ pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Messa
             headers: delete
                 .map(|r| headers(r, encoder.content_type()))
                 .unwrap_or_default(),
+            avro: None,
         }));
     }
     Ok(out)

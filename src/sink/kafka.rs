@@ -73,6 +73,9 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Topic per record family.
     pub topics: KafkaTopics,
+    /// Body format, `json` or `avro` (Confluent wire format, `[schema_registry]`); unset takes
+    /// `[encoding] format`.
+    pub format: Option<crate::encode::Format>,
     /// Create missing topics at `prepare()` and after a broker lost them: entity topics
     /// (nodes, links) with `cleanup.policy=compact`, the others with `delete`.
     pub create_topics: bool,
@@ -93,6 +96,7 @@ impl Default for KafkaConfig {
             enabled: false,
             brokers: "127.0.0.1:9092".into(),
             topics: KafkaTopics::default(),
+            format: None,
             create_topics: true,
             partitions: 3,
             replication_factor: 1,
@@ -972,6 +976,7 @@ mod tests {
 
     fn entity_msg(key: &str, id: &str, payload: Option<&str>) -> Arc<Message> {
         Arc::new(Message {
+ avro: None,
             route: Route::Nodes,
             event: if payload.is_some() {
                 "updated"

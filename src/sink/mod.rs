@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+pub use crate::encode::Format;
+
 pub mod kafka;
 pub mod nats;
 pub mod stdout;
@@ -48,6 +50,47 @@ pub struct Message {
     pub payload: Option<Vec<u8>>,
     /// Headers, in order (`ce_*`, `content-type`, `trace_id`, `traceparent`).
     pub headers: Vec<(String, String)>,
+    /// The record in Avro (Confluent wire format) and its schema id, when a sink uses Avro;
+    /// `payload` stays the JSON document.
+    pub avro: Option<(Vec<u8>, u32)>,
+}
+
+impl Message {
+    /// The body a sink of `format` publishes: `None` for a tombstone. A record without its
+    /// Avro encoding is a wiring bug, reported as fatal.
+    pub fn body(&self, format: Format) -> Result<Option<&[u8]>, String> {
+        match (format, &self.payload) {
+            (_, None) => Ok(None),
+            (Format::Json, Some(p)) => Ok(Some(p)),
+            (Format::Avro, Some(_)) => self
+                .avro
+                .as_ref()
+                .map(|(b, _)| Some(b.as_slice()))
+                .ok_or_else(|| format!("record {} was not encoded as Avro", self.id)),
+        }
+    }
+
+    /// The headers for `format`: Avro bodies say `content-type: application/avro` and carry
+    /// the schema id in `schema_id`.
+    pub fn headers_for(&self, format: Format) -> Vec<(&str, std::borrow::Cow<'_, str>)> {
+        use std::borrow::Cow;
+        let avro = match (format, &self.avro) {
+            (Format::Avro, Some((_, id))) => Some(*id),
+            _ => None,
+        };
+        let mut out: Vec<(&str, Cow<'_, str>)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| match (k.as_str(), avro) {
+                ("content-type", Some(_)) => (k.as_str(), Cow::Borrowed("application/avro")),
+                _ => (k.as_str(), Cow::Borrowed(v.as_str())),
+            })
+            .collect();
+        if let Some(id) = avro {
+            out.push(("schema_id", Cow::Owned(id.to_string())));
+        }
+        out
+    }
 }
 
 /// Resolves when the broker acknowledged a message. Retryable failures are retried inside

@@ -64,6 +64,9 @@ pub struct NatsConfig {
     pub create_stream: bool,
     /// Subject per record family.
     pub subjects: NatsSubjects,
+    /// Body format, `json` or `avro` (Confluent wire format, `[schema_registry]`); unset takes
+    /// `[encoding] format`.
+    pub format: Option<crate::encode::Format>,
     /// How long to wait for a JetStream publish ack (or a core flush) before resending (ms).
     pub ack_timeout_ms: u64,
     /// Environment variable holding the user name (with `password_env`).
@@ -83,6 +86,7 @@ impl Default for NatsConfig {
             stream: "SYNAPTASK".into(),
             create_stream: true,
             subjects: NatsSubjects::default(),
+            format: None,
             ack_timeout_ms: 10_000,
             user_env: None,
             password_env: None,
@@ -728,6 +732,7 @@ impl Sink for NatsSink {
                     ];
                     for (route, event) in samples {
                         let probe = Message {
+ avro: None,
                             route,
                             event: event.into(),
                             id: String::new(),
@@ -777,6 +782,7 @@ mod tests {
 
     fn msg(route: Route, event: &str) -> Message {
         Message {
+ avro: None,
             route,
             event: event.into(),
             id: "node:a:1".into(),
