@@ -12,10 +12,13 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::BodyFormat;
 use crate::config::Config;
 use crate::delivery::{Delivery, DeliveryConfig, DeliveryError};
+use crate::encode::avro::AvroEncoder;
 use crate::encode::json::JsonEncoder;
-use crate::encode::{to_messages, EncodeError, Encoder};
+use crate::encode::registry::{self, Registry, RegistryError, SubjectStrategy};
+use crate::encode::{to_messages_with, EncodeError, Encoder};
 use crate::metrics::{inc, metrics};
 use crate::normalize::history::RecentIds;
 use crate::normalize::{self, Ctx, Group, Outcome, View};
@@ -49,6 +52,9 @@ pub enum AppError {
     /// A record could not be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// The schema registry could not give the Avro schema ids at start.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// The metrics endpoint could not listen.
     #[error("cannot serve metrics on {addr}: {message}")]
     Metrics {
@@ -97,12 +103,54 @@ pub fn build_sinks(cfg: &Config) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
         sinks.push(Arc::new(StdoutSink::new(&cfg.sinks.stdout)?));
     }
     if cfg.sinks.kafka.enabled {
-        sinks.push(Arc::new(KafkaSink::new(&cfg.sinks.kafka)?));
+        let mut k = cfg.sinks.kafka.clone();
+        k.format = Some(cfg.kafka_format());
+        sinks.push(Arc::new(KafkaSink::new(&k)?));
     }
     if cfg.sinks.nats.enabled {
-        sinks.push(Arc::new(NatsSink::new(&cfg.sinks.nats)?));
+        let mut n = cfg.sinks.nats.clone();
+        n.format = Some(cfg.nats_format());
+        sinks.push(Arc::new(NatsSink::new(&n)?));
     }
     Ok(sinks)
+}
+
+/// The Avro encoder when an enabled sink writes Avro: every schema registered (or looked up)
+/// under the subjects the Avro sinks publish to. `None` when every sink writes JSON.
+pub async fn build_avro(cfg: &Config) -> Result<Option<Arc<AvroEncoder>>, AppError> {
+    if !cfg.avro_needed() {
+        return Ok(None);
+    }
+    let reg_cfg = &cfg.schema_registry;
+    let registry = Registry::new(reg_cfg)?;
+    let mut needs: Vec<registry::Need> = Vec::new();
+    let strategy = reg_cfg.subject_strategy;
+    if cfg.sinks.kafka.enabled && cfg.kafka_format() == BodyFormat::Avro {
+        let topics = &cfg.sinks.kafka.topics;
+        needs.extend(registry::needs(strategy, |r| topics.topic(r).to_string()));
+    }
+    if cfg.sinks.nats.enabled && cfg.nats_format() == BodyFormat::Avro {
+        let subjects = &cfg.sinks.nats.subjects;
+        for need in registry::needs(strategy, |r| subjects.base(r).to_string()) {
+            if !needs.contains(&need) {
+                needs.push(need);
+            }
+        }
+    }
+    let ids = registry.prepare(&needs, reg_cfg.auto_register).await?;
+    tracing::info!(
+        registry = registry.url(),
+        subjects = needs.len(),
+        auto_register = reg_cfg.auto_register,
+        "Avro schemas registered"
+    );
+    let encoder = AvroEncoder::new(strategy == SubjectStrategy::Topic, ids).map_err(|message| {
+        EncodeError {
+            id: "(schemas)".into(),
+            message,
+        }
+    })?;
+    Ok(Some(Arc::new(encoder)))
 }
 
 /// Opens the checkpoint store the config names (memory when no path).
@@ -195,6 +243,8 @@ struct Pipeline {
     ctx: Ctx,
     delivery: Delivery,
     encoder: Box<dyn Encoder>,
+    /// Set when a sink writes Avro: every record is encoded in both formats.
+    avro: Option<Arc<AvroEncoder>>,
     control: mpsc::Sender<Control>,
     /// A catch-up was asked for and has not finished yet.
     catch_up_requested: bool,
@@ -234,7 +284,7 @@ impl Pipeline {
         if self.done() {
             return Ok(());
         }
-        let messages = to_messages(&group, self.encoder.as_ref())?;
+        let messages = to_messages_with(&group, self.encoder.as_ref(), self.avro.as_deref())?;
         self.summary.records += group.records.len() as u64;
         metrics().records_total.fetch_add(
             group.records.len() as u64,
@@ -760,6 +810,8 @@ pub async fn run(
 ) -> Result<RunSummary, AppError> {
     let store = open_store(&cfg)?;
     let sinks = build_sinks(&cfg)?;
+    // Before anything waits on a broker: a registry that is down is an error now, not a hang.
+    let avro = build_avro(&cfg).await?;
     // Built before waiting on brokers, so a missing token fails at once.
     let source = SynapTaskSource::new(cfg.source.clone())?;
     if let Some(addr) = &cfg.metrics.listen {
@@ -860,6 +912,7 @@ pub async fn run(
         },
         delivery,
         encoder: Box::new(JsonEncoder),
+        avro,
         control: control_tx,
         catch_up_requested: false,
         reconcile_requested: false,

@@ -723,7 +723,7 @@ mod tests {
 
     fn msg(id: &str) -> Arc<Message> {
         Arc::new(Message {
- avro: None,
+            avro: None,
             route: Route::Nodes,
             event: "updated".into(),
             id: id.into(),

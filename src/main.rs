@@ -39,6 +39,8 @@ enum Command {
     Demo(taskstream::demo::DemoOptions),
     /// Run the SynapTask API simulator (Socket.IO API, job-event API, HTTP ground truth).
     Sim(taskstream::sim::SimConfig),
+    /// Run a small Confluent-compatible schema registry (for tests and the demo).
+    Registry(taskstream::sim::registry::RegistryOptions),
 }
 
 /// The next Ctrl-C or SIGTERM.
@@ -113,6 +115,12 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         },
+        Command::Registry(opts) => {
+            match taskstream::sim::registry::run(opts, shutdown_on_signals(None)).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e, 1),
+            }
+        }
         Command::Demo(opts) => match taskstream::demo::run(opts, shutdown_on_signals(None)).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(taskstream::demo::DemoError::App(e)) => fail(&e, e.exit_code()),

@@ -79,7 +79,7 @@ async fn kill9_child() -> anyhow::Result<()> {
     let mut d = Delivery::new(vec![Arc::new(AckAll)], Box::new(store), cfg)?;
     for i in 1.. {
         let msg = Arc::new(Message {
- avro: None,
+            avro: None,
             route: Route::Nodes,
             event: "updated".into(),
             id: format!("batch:{i}"),

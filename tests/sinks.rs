@@ -64,7 +64,7 @@ fn message(route: Route, event: &str, n: usize, keys: usize, payload_len: usize)
         "x".repeat(pad)
     );
     Message {
- avro: None,
+        avro: None,
         route,
         event: event.into(),
         id: id.clone(),

@@ -61,7 +61,11 @@ pub const SCHEMA_FILES: [(Kind, &str, &str); 7] = [
         "history_batch.avsc",
         include_str!("../../schemas/history_batch.avsc"),
     ),
-    (Kind::Gap, "gap.avsc", include_str!("../../schemas/gap.avsc")),
+    (
+        Kind::Gap,
+        "gap.avsc",
+        include_str!("../../schemas/gap.avsc"),
+    ),
     (
         Kind::DeadLetter,
         "dead_letter.avsc",
@@ -311,7 +315,11 @@ struct Misfit;
 impl Converter<'_> {
     fn resolve<'s>(&'s self, schema: &'s Schema) -> &'s Schema {
         match schema {
-            Schema::Ref { name } => self.named.get(&name.fullname(None)).copied().unwrap_or(schema),
+            Schema::Ref { name } => self
+                .named
+                .get(&name.fullname(None))
+                .copied()
+                .unwrap_or(schema),
             other => other,
         }
     }
@@ -502,12 +510,21 @@ mod tests {
             .unwrap();
         let Avro::Record(fields) = back else { panic!() };
         let after = &fields.iter().find(|(n, _)| n == "after").unwrap().1;
-        let Avro::Union(1, after) = after else { panic!("{after:?}") };
-        let Avro::Record(after) = after.as_ref() else { panic!() };
+        let Avro::Union(1, after) = after else {
+            panic!("{after:?}")
+        };
+        let Avro::Record(after) = after.as_ref() else {
+            panic!()
+        };
         let get = |n: &str| after.iter().find(|(k, _)| k == n).unwrap().1.clone();
-        assert_eq!(get("title"), Avro::Union(1, Box::new(Avro::String("t".into()))));
+        assert_eq!(
+            get("title"),
+            Avro::Union(1, Box::new(Avro::String("t".into())))
+        );
         assert_eq!(get("status"), Avro::Union(0, Box::new(Avro::Null)));
-        let Avro::Map(extra) = get("extra") else { panic!() };
+        let Avro::Map(extra) = get("extra") else {
+            panic!()
+        };
         assert_eq!(extra["status"], Avro::String("7".into()));
         assert_eq!(extra["newField"], Avro::String("{\"x\":1}".into()));
         assert_eq!(extra["createdTime"], Avro::String("\"not a time\"".into()));

@@ -173,7 +173,12 @@ impl Registry {
         &self.url
     }
 
-    async fn post(&self, path: &str, body: Value, what: &str) -> Result<(u16, Value), RegistryError> {
+    async fn post(
+        &self,
+        path: &str,
+        body: Value,
+        what: &str,
+    ) -> Result<(u16, Value), RegistryError> {
         let mut req = self
             .http
             .post(format!("{}{path}", self.url))
@@ -192,7 +197,10 @@ impl Registry {
             url: self.url.clone(),
             message: e.to_string(),
         })?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     /// Registers `schema` under `subject`; the registry's id for it.
@@ -212,7 +220,11 @@ impl Registry {
     pub async fn lookup(&self, subject: &str, schema: &str) -> Result<Option<u32>, RegistryError> {
         let what = format!("looking up {subject}");
         let (status, body) = self
-            .post(&format!("/subjects/{subject}"), json!({"schema": schema}), &what)
+            .post(
+                &format!("/subjects/{subject}"),
+                json!({"schema": schema}),
+                &what,
+            )
             .await?;
         if status == 404 {
             return Ok(None);

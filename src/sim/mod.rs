@@ -14,6 +14,7 @@ pub mod chaos;
 pub mod generator;
 pub mod jobs;
 pub mod model;
+pub mod registry;
 pub mod server;
 pub mod world;
 

@@ -39,7 +39,7 @@ use rdkafka::ClientConfig;
 use serde::Deserialize;
 use tokio::sync::{oneshot, Notify};
 
-use super::{AckFuture, Message, Route, Sink, SinkError};
+use super::{AckFuture, Format, Message, Route, Sink, SinkError};
 use crate::metrics;
 use crate::secret::Secret;
 
@@ -217,6 +217,7 @@ struct Shared {
     config: ClientConfig,
     brokers: String,
     topics: KafkaTopics,
+    format: Format,
     create_topics: bool,
     partitions: i32,
     replication_factor: i32,
@@ -409,6 +410,7 @@ impl KafkaSink {
             config,
             brokers: cfg.brokers.clone(),
             topics: cfg.topics.clone(),
+            format: cfg.format.unwrap_or_default(),
             create_topics: cfg.create_topics,
             partitions: cfg.partitions,
             replication_factor: cfg.replication_factor,
@@ -481,6 +483,7 @@ impl Shared {
     fn send_locked(
         books: &mut Books,
         topics: &KafkaTopics,
+        format: Format,
         seq: usize,
         pending: Pending,
     ) -> Result<(), (KafkaError, Pending)> {
@@ -491,8 +494,8 @@ impl Shared {
             ));
         };
         let msg = pending.msg.clone();
-        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
-        for (key, value) in &msg.headers {
+        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len() + 1);
+        for (key, value) in msg.headers_for(format) {
             headers = headers.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
@@ -502,8 +505,14 @@ impl Shared {
             BaseRecord::with_opaque_to(topics.topic(msg.route), seq)
                 .key(msg.key.as_str())
                 .headers(headers);
-        if let Some(payload) = &msg.payload {
-            record = record.payload(payload.as_slice());
+        // A record without the body of this sink's format is a wiring bug: sent as JSON rather
+        // than not at all, and logged.
+        let body = msg.body(format).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "sending the JSON body instead");
+            msg.payload.as_deref()
+        });
+        if let Some(payload) = body {
+            record = record.payload(payload);
         }
         // No payload stays a null value: a tombstone.
         match producer.send(record).map_err(|(e, _record)| e) {
@@ -768,7 +777,7 @@ impl Shared {
                     continue;
                 };
                 let key = (pending.msg.route, pending.msg.key.clone());
-                match Self::send_locked(&mut books, &self.topics, seq, pending) {
+                match Self::send_locked(&mut books, &self.topics, self.format, seq, pending) {
                     Ok(()) => {
                         resent += 1;
                         let top = resent_keys.entry(key).or_default();
@@ -895,7 +904,13 @@ impl Sink for KafkaSink {
                         // Stalls are measured from the first message after an idle spell.
                         shared.mark_progress();
                     }
-                    match Shared::send_locked(&mut books, &shared.topics, seq, pending) {
+                    match Shared::send_locked(
+                        &mut books,
+                        &shared.topics,
+                        shared.format,
+                        seq,
+                        pending,
+                    ) {
                         Ok(()) => {
                             books.next_seq += 1;
                             break;
@@ -976,7 +991,7 @@ mod tests {
 
     fn entity_msg(key: &str, id: &str, payload: Option<&str>) -> Arc<Message> {
         Arc::new(Message {
- avro: None,
+            avro: None,
             route: Route::Nodes,
             event: if payload.is_some() {
                 "updated"
@@ -1047,7 +1062,14 @@ mod tests {
                 msg: entity_msg("k", "node:k:6:tombstone", None),
                 tx: tomb_tx,
             };
-            assert!(Shared::send_locked(&mut books, &shared.topics, seq_tomb, pending).is_ok());
+            assert!(Shared::send_locked(
+                &mut books,
+                &shared.topics,
+                shared.format,
+                seq_tomb,
+                pending
+            )
+            .is_ok());
         }
         tokio::time::timeout(Duration::from_secs(10), tomb_rx)
             .await

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use super::{AckFuture, Message, Route, Sink, SinkError};
+use super::{AckFuture, Format, Message, Route, Sink, SinkError};
 use crate::metrics;
 use crate::secret::Secret;
 
@@ -138,6 +138,18 @@ impl Default for NatsSubjects {
 }
 
 impl NatsSubjects {
+    /// The subject, or subject prefix, of a route (names the registry subject of its schema).
+    pub fn base(&self, route: Route) -> &str {
+        match route {
+            Route::Nodes => &self.nodes,
+            Route::Links => &self.links,
+            Route::Jobs => &self.jobs,
+            Route::History => &self.history,
+            Route::Status => &self.status,
+            Route::DeadLetter => &self.dlq,
+        }
+    }
+
     /// The subject a message is published to.
     pub fn subject(&self, msg: &Message) -> String {
         let with_event = |base: &str| format!("{base}.{}", msg.event);
@@ -206,6 +218,7 @@ pub struct NatsSink {
 struct Inner {
     url: String,
     mode: NatsMode,
+    format: Format,
     stream: String,
     create_stream: bool,
     subjects: NatsSubjects,
@@ -334,6 +347,7 @@ impl NatsSink {
             inner: Arc::new(Inner {
                 url: cfg.url.clone(),
                 mode: cfg.mode,
+                format: cfg.format.unwrap_or_default(),
                 stream: cfg.stream.clone(),
                 create_stream: cfg.create_stream,
                 subjects: cfg.subjects.clone(),
@@ -629,7 +643,12 @@ struct Outgoing {
     payload: Bytes,
 }
 
-fn outgoing(subjects: &NatsSubjects, msg: &Message, payload: &[u8]) -> Result<Outgoing, SinkError> {
+fn outgoing(
+    subjects: &NatsSubjects,
+    msg: &Message,
+    payload: &[u8],
+    format: Format,
+) -> Result<Outgoing, SinkError> {
     let subject = subjects.subject(msg);
     if !valid_publish_subject(&subject) {
         return Err(fatal(format!(
@@ -638,11 +657,11 @@ fn outgoing(subjects: &NatsSubjects, msg: &Message, payload: &[u8]) -> Result<Ou
         )));
     }
     let mut headers = HeaderMap::new();
-    for (name, value) in &msg.headers {
+    for (name, value) in msg.headers_for(format) {
         let name =
             HeaderName::from_str(name).map_err(|e| fatal(format!("header {name:?}: {e}")))?;
-        let value =
-            HeaderValue::from_str(value).map_err(|e| fatal(format!("header {name} value: {e}")))?;
+        let value = HeaderValue::from_str(&value)
+            .map_err(|e| fatal(format!("header {name} value: {e}")))?;
         headers.append(name, value);
     }
     let id = HeaderValue::from_str(&msg.id)
@@ -662,11 +681,11 @@ impl Sink for NatsSink {
 
     fn enqueue(&self, msg: Arc<Message>) -> BoxFuture<'_, Result<AckFuture, SinkError>> {
         async move {
-            let Some(payload) = msg.payload.as_deref() else {
+            let Some(payload) = msg.body(self.inner.format).map_err(fatal)? else {
                 let skipped: AckFuture = futures_util::future::ready(Ok(())).boxed();
                 return Ok(skipped);
             };
-            let publish = outgoing(&self.inner.subjects, &msg, payload)?;
+            let publish = outgoing(&self.inner.subjects, &msg, payload, self.inner.format)?;
             let inner = self.inner.clone();
             let conn = inner.conn().await?.clone();
             let ack: AckFuture = match inner.mode {
@@ -782,7 +801,7 @@ mod tests {
 
     fn msg(route: Route, event: &str) -> Message {
         Message {
- avro: None,
+            avro: None,
             route,
             event: event.into(),
             id: "node:a:1".into(),
@@ -848,7 +867,7 @@ mod tests {
     #[test]
     fn headers_carry_the_message_id_and_bad_input_is_fatal() {
         let s = NatsSubjects::default();
-        let out = outgoing(&s, &msg(Route::Nodes, "updated"), b"{}").unwrap();
+        let out = outgoing(&s, &msg(Route::Nodes, "updated"), b"{}", Format::Json).unwrap();
         assert_eq!(
             out.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
             Some("node:a:1")
@@ -857,12 +876,14 @@ mod tests {
             out.headers.get("ce_id").map(|v| v.as_str()),
             Some("node:a:1")
         );
-        assert!(!outgoing(&s, &msg(Route::Nodes, ""), b"{}")
+        assert!(!outgoing(&s, &msg(Route::Nodes, ""), b"{}", Format::Json)
             .unwrap_err()
             .is_retryable());
-        assert!(!outgoing(&s, &msg(Route::Nodes, "a b"), b"{}")
-            .unwrap_err()
-            .is_retryable());
+        assert!(
+            !outgoing(&s, &msg(Route::Nodes, "a b"), b"{}", Format::Json)
+                .unwrap_err()
+                .is_retryable()
+        );
     }
 
     #[test]

@@ -459,7 +459,7 @@ mod tests {
 
     fn line(i: usize) -> Arc<Message> {
         Arc::new(Message {
- avro: None,
+            avro: None,
             route: Route::Nodes,
             event: "created".into(),
             id: format!("node:a:{i}"),
@@ -572,7 +572,7 @@ mod tests {
         .unwrap();
         let msg = |payload: Option<&str>| {
             Arc::new(Message {
- avro: None,
+                avro: None,
                 route: Route::Nodes,
                 event: "created".into(),
                 id: "node:a:1".into(),
@@ -607,7 +607,7 @@ mod tests {
         })
         .unwrap();
         let msg = Arc::new(Message {
- avro: None,
+            avro: None,
             route: Route::Nodes,
             event: "created".into(),
             id: "node:c:1".into(),
