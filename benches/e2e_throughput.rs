@@ -7,6 +7,9 @@
 //! - the broker ceilings: a raw librdkafka producer and a raw async-nats JetStream publisher
 //!   sending the same number of messages of the same mean size.
 //!
+//! The Kafka sink runs twice, with JSON and with Avro (schemas in a registry served in process),
+//! and the Avro/JSON ratio is printed.
+//!
 //! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do).
 
 #[path = "../tests/support/mod.rs"]
@@ -238,6 +241,19 @@ fn main() {
             c.sinks.kafka.brokers = bootstrap.clone();
         })
         .await;
+        let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let registry_url = format!("http://{}", registry.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(registry, taskstream::sim::registry::router()).await;
+        });
+        let avro_run = connector_run("kafka-avro", events, dir.path(), |c| {
+            c.sinks.stdout.enabled = false;
+            c.sinks.kafka.enabled = true;
+            c.sinks.kafka.brokers = bootstrap.clone();
+            c.sinks.kafka.format = Some(taskstream::config::BodyFormat::Avro);
+            c.schema_registry.url = Some(registry_url.clone());
+        })
+        .await;
         let url = nats.url();
         let nats_run = connector_run("nats-jetstream", events, dir.path(), |c| {
             c.sinks.stdout.enabled = false;
@@ -252,7 +268,12 @@ fn main() {
         eprintln!("nats ceiling: {nats_max:.0} msgs/s");
 
         println!("events pushed per run: {events}; mean record size {mean} bytes");
-        for (run, ceiling) in [(&file_run, None), (&kafka_run, Some(kafka_max)), (&nats_run, Some(nats_max))] {
+        for (run, ceiling) in [
+            (&file_run, None),
+            (&kafka_run, Some(kafka_max)),
+            (&avro_run, Some(kafka_max)),
+            (&nats_run, Some(nats_max)),
+        ] {
             let rps = run.records as f64 / run.secs;
             print!(
                 "{:<15} {:>8} diffs -> {:>8} records in {:>6.2} s = {:>8.0} records/s ({:.0} diffs/s, {} dropped)",
@@ -263,5 +284,11 @@ fn main() {
                 None => println!(),
             }
         }
+        let rate = |r: &Run| r.records as f64 / r.secs;
+        println!(
+            "kafka avro / kafka json: {:.2} (Avro costs {:.0} % of JSON's throughput)",
+            rate(&avro_run) / rate(&kafka_run),
+            (1.0 - rate(&avro_run) / rate(&kafka_run)) * 100.0
+        );
     });
 }

@@ -115,16 +115,10 @@ pub fn build_sinks(cfg: &Config) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
     Ok(sinks)
 }
 
-/// The Avro encoder when an enabled sink writes Avro: every schema registered (or looked up)
-/// under the subjects the Avro sinks publish to. `None` when every sink writes JSON.
-pub async fn build_avro(cfg: &Config) -> Result<Option<Arc<AvroEncoder>>, AppError> {
-    if !cfg.avro_needed() {
-        return Ok(None);
-    }
-    let reg_cfg = &cfg.schema_registry;
-    let registry = Registry::new(reg_cfg)?;
+/// The registry subjects the enabled Avro sinks publish to, with their writer schemas.
+pub fn avro_needs(cfg: &Config) -> Vec<registry::Need> {
+    let strategy = cfg.schema_registry.subject_strategy;
     let mut needs: Vec<registry::Need> = Vec::new();
-    let strategy = reg_cfg.subject_strategy;
     if cfg.sinks.kafka.enabled && cfg.kafka_format() == BodyFormat::Avro {
         let topics = &cfg.sinks.kafka.topics;
         needs.extend(registry::needs(strategy, |r| topics.topic(r).to_string()));
@@ -137,6 +131,19 @@ pub async fn build_avro(cfg: &Config) -> Result<Option<Arc<AvroEncoder>>, AppErr
             }
         }
     }
+    needs
+}
+
+/// The Avro encoder when an enabled sink writes Avro: every schema registered (or looked up)
+/// under the subjects the Avro sinks publish to. `None` when every sink writes JSON.
+pub async fn build_avro(cfg: &Config) -> Result<Option<Arc<AvroEncoder>>, AppError> {
+    if !cfg.avro_needed() {
+        return Ok(None);
+    }
+    let reg_cfg = &cfg.schema_registry;
+    let registry = Registry::new(reg_cfg)?;
+    let strategy = reg_cfg.subject_strategy;
+    let needs = avro_needs(cfg);
     let ids = registry.prepare(&needs, reg_cfg.auto_register).await?;
     tracing::info!(
         registry = registry.url(),

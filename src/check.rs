@@ -57,6 +57,9 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
         (Err(e), _) => Err(e.into()),
     };
     note("state", state, &mut out);
+    if cfg.avro_needed() {
+        note("schema registry", check_registry(cfg).await, &mut out);
+    }
     match app::build_sinks(cfg) {
         Ok(sinks) => {
             for s in sinks {
@@ -74,6 +77,41 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
         Err(e) => note("sinks", Err(e.into()), &mut out),
     }
     (out, first_error)
+}
+
+/// Looks the schemas up without registering anything: a missing one is fine when the run will
+/// register it, an error otherwise.
+async fn check_registry(cfg: &Config) -> Result<String, AppError> {
+    use crate::encode::registry::{Registry, RegistryError};
+    let registry = Registry::new(&cfg.schema_registry)?;
+    let needs = app::avro_needs(cfg);
+    let mut missing = Vec::new();
+    for need in &needs {
+        if registry
+            .lookup(&need.subject, &need.writer.text())
+            .await?
+            .is_none()
+        {
+            missing.push(need.subject.clone());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(format!(
+            "{}: all {} subjects have the schemas",
+            registry.url(),
+            needs.len()
+        ));
+    }
+    if cfg.schema_registry.auto_register {
+        return Ok(format!(
+            "{}: {} of {} subjects will be registered at start: {}",
+            registry.url(),
+            missing.len(),
+            needs.len(),
+            missing.join(", ")
+        ));
+    }
+    Err(RegistryError::Missing(missing).into())
 }
 
 async fn check_source(cfg: &Config) -> Result<String, AppError> {
