@@ -55,33 +55,33 @@ fn error(status: StatusCode, code: u32, message: impl Into<String>) -> Response 
         .into_response()
 }
 
-fn parse_body(body: &Value) -> Result<(Schema, String), Response> {
+fn parse_body(body: &Value) -> Result<(Schema, String), Box<Response>> {
     let Some(text) = body.get("schema").and_then(Value::as_str) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNPROCESSABLE_ENTITY,
             42201,
             "body needs a schema",
-        ));
+        )));
     };
     if body
         .get("schemaType")
         .and_then(Value::as_str)
         .is_some_and(|t| t != "AVRO")
     {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNPROCESSABLE_ENTITY,
             42201,
             "only AVRO schemas",
-        ));
+        )));
     }
     Schema::parse_str(text)
         .map(|s| (s, text.to_string()))
         .map_err(|e| {
-            error(
+            Box::new(error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 42201,
                 format!("invalid schema: {e}"),
-            )
+            ))
         })
 }
 
@@ -101,7 +101,7 @@ async fn register(
 ) -> Response {
     let (schema, text) = match parse_body(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let canonical = schema.canonical_form();
     let mut s = lock(&st);
@@ -146,7 +146,7 @@ async fn lookup(
 ) -> Response {
     let (schema, _) = match parse_body(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let s = lock(&st);
     let Some(versions) = s.subjects.get(&subject) else {
@@ -201,7 +201,7 @@ async fn compatibility(
 ) -> Response {
     let (schema, _) = match parse_body(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let s = lock(&st);
     let Some(latest) = s.subjects.get(&subject).and_then(|v| v.last()) else {
