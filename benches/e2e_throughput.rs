@@ -23,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use taskstream::app::{self, RunOptions};
 use taskstream::config::Config;
 use taskstream::metrics::metrics;
-use taskstream::sim::{self, SimConfig};
+use taskstream_sim::{self as sim, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 // The same allocator as the binary, so the numbers are the binary's.
@@ -244,7 +244,7 @@ fn main() {
         let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let registry_url = format!("http://{}", registry.local_addr().expect("addr"));
         tokio::spawn(async move {
-            let _ = axum::serve(registry, taskstream::sim::registry::router()).await;
+            let _ = axum::serve(registry, taskstream_sim::registry::router()).await;
         });
         let avro_run = connector_run("kafka-avro", events, dir.path(), |c| {
             c.sinks.stdout.enabled = false;

@@ -13,7 +13,7 @@ use rust_socketio::TransportType;
 use serde_json::json;
 use socketioxide::extract::SocketRef;
 use socketioxide::SocketIo;
-use taskstream::sim::{self, SimConfig};
+use taskstream_sim::{self as sim, SimConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use taskstream::app::{self, RunOptions};
 use taskstream::config::Config;
 use taskstream::metrics::metrics;
-use taskstream::sim::{self, SimConfig};
+use taskstream_sim::{self as sim, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, AppError, RunOptions, RunSummary};
-use crate::config::Config;
-use crate::sim::{self, SimConfig};
+use taskstream::app::{self, AppError, RunOptions, RunSummary};
+use taskstream::config::Config;
+use taskstream_sim::{self as sim, SimConfig};
 
 /// Options of `taskstream demo`.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,6 +1,8 @@
 //! The `taskstream` binary: parses arguments, starts telemetry, loads the configuration and
 //! hands over to the library.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,11 +38,11 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// The embedded simulator plus the connector, printing records (nothing to install).
-    Demo(taskstream::demo::DemoOptions),
+    Demo(demo::DemoOptions),
     /// Run the SynapTask API simulator (Socket.IO API, job-event API, HTTP ground truth).
-    Sim(taskstream::sim::SimConfig),
+    Sim(taskstream_sim::SimConfig),
     /// Run a small Confluent-compatible schema registry (for tests and the demo).
-    Registry(taskstream::sim::registry::RegistryOptions),
+    Registry(taskstream_sim::registry::RegistryOptions),
 }
 
 /// The next Ctrl-C or SIGTERM.
@@ -111,19 +113,19 @@ fn main() -> ExitCode {
 async fn async_main(cli: Cli) -> ExitCode {
     taskstream::telemetry::init();
     match cli.command {
-        Command::Sim(cfg) => match taskstream::sim::run(cfg, shutdown_on_signals(None)).await {
+        Command::Sim(cfg) => match taskstream_sim::run(cfg, shutdown_on_signals(None)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         },
         Command::Registry(opts) => {
-            match taskstream::sim::registry::run(opts, shutdown_on_signals(None)).await {
+            match taskstream_sim::registry::run(opts, shutdown_on_signals(None)).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&e, 1),
             }
         }
-        Command::Demo(opts) => match taskstream::demo::run(opts, shutdown_on_signals(None)).await {
+        Command::Demo(opts) => match demo::run(opts, shutdown_on_signals(None)).await {
             Ok(_) => ExitCode::SUCCESS,
-            Err(taskstream::demo::DemoError::App(e)) => fail(&e, e.exit_code()),
+            Err(demo::DemoError::App(e)) => fail(&e, e.exit_code()),
             Err(e) => fail(&e, 1),
         },
         Command::Run { config } => {

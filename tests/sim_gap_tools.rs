@@ -25,7 +25,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const STEP: Duration = Duration::from_secs(10);
 
 fn default_user() -> (&'static str, &'static str) {
-    taskstream::sim::DEFAULT_TOKENS
+    taskstream_sim::DEFAULT_TOKENS
         .split_once(':')
         .expect("token:uid")
 }

@@ -1,4 +1,4 @@
-//! Integration tests of the job-event WebSocket simulator (`taskstream::sim::jobs`).
+//! Integration tests of the job-event WebSocket simulator (`taskstream_sim::jobs`).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use taskstream::sim::jobs::{JobsConfig, JobsSim};
+use taskstream_sim::jobs::{JobsConfig, JobsSim};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant};

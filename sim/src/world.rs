@@ -242,7 +242,10 @@ pub struct World {
     pub read_shape: ReadShape,
 }
 
-pub use crate::record::now_rfc3339;
+/// Now as an RFC 3339 UTC time to the second, as the API writes times.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
 
 /// What nodes and links share for history: a version, an edit stamp, and named fields.
 trait Versioned {

@@ -1,4 +1,4 @@
-//! The SynapTask API simulator (`taskstream sim`): a faithful counterpart of the Socket.IO API
+//! The SynapTask API simulator (`taskstream sim`, crate `taskstream-sim`): a faithful counterpart of the Socket.IO API
 //! (seeds 000-003, `shared/api/DECISIONS.md`) and of the job-event WebSocket API (seed 004),
 //! with a seeded mutation generator and HTTP ground truth. The connector's tests, demo and
 //! benchmarks all run against it.
@@ -13,6 +13,7 @@
 pub mod chaos;
 pub mod generator;
 pub mod jobs;
+pub mod limits;
 pub mod model;
 pub mod registry;
 pub mod server;

@@ -255,7 +255,7 @@ fn update_node(w: &mut World, owner: usize) -> Option<Applied> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::model::User;
+    use crate::model::User;
 
     fn users() -> Vec<User> {
         (1..=2)

@@ -20,7 +20,7 @@ use socketioxide::SocketIo;
 
 use super::chaos::{Chaos, ChaosCounters, Ending};
 use super::world::{now_rfc3339, ApiError, World};
-use crate::ratelimit::SlidingWindow;
+use crate::limits::SlidingWindow;
 
 /// The documented limits (seed 000, seed 001), each overridable for tests that need it.
 #[derive(Debug, Clone)]
