@@ -23,9 +23,6 @@ use crate::metrics::{inc, metrics};
 use crate::normalize::history::RecentIds;
 use crate::normalize::{self, Ctx, Group, Outcome, View};
 use crate::record::{Body, EntityKind, Origin, TraceContext};
-use crate::sink::kafka::KafkaSink;
-use crate::sink::nats::NatsSink;
-use crate::sink::stdout::StdoutSink;
 use crate::sink::{Sink, SinkError};
 use crate::source::jobs::{JobsSource, Spool, SpooledFrame};
 use crate::source::synaptask::SynapTaskSource;
@@ -98,34 +95,23 @@ pub struct RunSummary {
 
 /// Builds every enabled sink.
 pub fn build_sinks(cfg: &Config) -> Result<Vec<Arc<dyn Sink>>, SinkError> {
-    let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
-    if cfg.sinks.stdout.enabled {
-        sinks.push(Arc::new(StdoutSink::new(&cfg.sinks.stdout)?));
-    }
-    if cfg.sinks.kafka.enabled {
-        let mut k = cfg.sinks.kafka.clone();
-        k.format = Some(cfg.kafka_format());
-        sinks.push(Arc::new(KafkaSink::new(&k)?));
-    }
-    if cfg.sinks.nats.enabled {
-        let mut n = cfg.sinks.nats.clone();
-        n.format = Some(cfg.nats_format());
-        sinks.push(Arc::new(NatsSink::new(&n)?));
-    }
-    Ok(sinks)
+    cfg.sinks
+        .enabled()
+        .map(|s| s.build(cfg.format_of(s)))
+        .collect()
 }
 
 /// The registry subjects the enabled Avro sinks publish to, with their writer schemas.
 pub fn avro_needs(cfg: &Config) -> Vec<registry::Need> {
     let strategy = cfg.schema_registry.subject_strategy;
     let mut needs: Vec<registry::Need> = Vec::new();
-    if cfg.sinks.kafka.enabled && cfg.kafka_format() == BodyFormat::Avro {
-        let topics = &cfg.sinks.kafka.topics;
-        needs.extend(registry::needs(strategy, |r| topics.topic(r).to_string()));
-    }
-    if cfg.sinks.nats.enabled && cfg.nats_format() == BodyFormat::Avro {
-        let subjects = &cfg.sinks.nats.subjects;
-        for need in registry::needs(strategy, |r| subjects.base(r).to_string()) {
+    for sink in cfg
+        .sinks
+        .enabled()
+        .filter(|s| cfg.format_of(*s) == BodyFormat::Avro)
+    {
+        let name = |r| sink.route_name(r).unwrap_or_default();
+        for need in registry::needs(strategy, name) {
             if !needs.contains(&need) {
                 needs.push(need);
             }
@@ -901,14 +887,11 @@ pub async fn run(
     };
     // Small: the sources hold their own buffers; this only decouples them from the pipeline.
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(256);
-    let (control_tx, control_rx) = mpsc::channel::<Control>(4);
+    let control_tx = source.controller();
     let sources_stop = shutdown.child_token();
-    let mut source_task =
-        tokio::spawn(Box::new(source).run(tx.clone(), control_rx, sources_stop.clone()));
-    let mut jobs_task = jobs.map(|j| {
-        let (_unused_tx, unused_rx) = mpsc::channel(1);
-        tokio::spawn(Box::new(j).run(tx.clone(), unused_rx, sources_stop.clone()))
-    });
+    let mut source_task = tokio::spawn(Box::new(source).run(tx.clone(), sources_stop.clone()));
+    let mut jobs_task =
+        jobs.map(|j| tokio::spawn(Box::new(j).run(tx.clone(), sources_stop.clone())));
     drop(tx);
 
     let mut p = Pipeline {

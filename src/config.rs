@@ -13,6 +13,7 @@ use crate::delivery::DeliverySection;
 use crate::sink::kafka::KafkaConfig;
 use crate::sink::nats::NatsConfig;
 use crate::sink::stdout::StdoutConfig;
+use crate::sink::SinkConfig;
 use crate::source::jobs::JobsConfig;
 use crate::source::synaptask::SynapTaskConfig;
 use crate::state::StateConfig;
@@ -62,6 +63,18 @@ pub struct SinksConfig {
     pub nats: NatsConfig,
 }
 
+impl SinksConfig {
+    /// Every sink section, enabled or not, in publish order.
+    pub fn all(&self) -> [&dyn SinkConfig; 3] {
+        [&self.stdout, &self.kafka, &self.nats]
+    }
+
+    /// The enabled ones.
+    pub fn enabled(&self) -> impl Iterator<Item = &dyn SinkConfig> {
+        self.all().into_iter().filter(|s| s.enabled())
+    }
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -108,10 +121,17 @@ impl Config {
     /// Cross-field checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.source.validate().map_err(ConfigError::Invalid)?;
-        if !(self.sinks.stdout.enabled || self.sinks.kafka.enabled || self.sinks.nats.enabled) {
-            return Err(ConfigError::Invalid(
-                "no sink enabled: enable sinks.stdout, sinks.kafka or sinks.nats".into(),
-            ));
+        if self.sinks.enabled().next().is_none() {
+            let names: Vec<String> = self
+                .sinks
+                .all()
+                .iter()
+                .map(|s| format!("sinks.{}", s.name()))
+                .collect();
+            return Err(ConfigError::Invalid(format!(
+                "no sink enabled: enable one of {}",
+                names.join(", ")
+            )));
         }
         if self.delivery.max_in_flight == 0 || self.delivery.max_batch == 0 {
             return Err(ConfigError::Invalid(
@@ -126,20 +146,16 @@ impl Config {
         Ok(())
     }
 
-    /// The Kafka sink's body format.
-    pub fn kafka_format(&self) -> BodyFormat {
-        self.sinks.kafka.format.unwrap_or(self.encoding.format)
-    }
-
-    /// The NATS sink's body format.
-    pub fn nats_format(&self) -> BodyFormat {
-        self.sinks.nats.format.unwrap_or(self.encoding.format)
+    /// A sink's body format: its own, else `[encoding] format`.
+    pub fn format_of(&self, sink: &dyn SinkConfig) -> BodyFormat {
+        sink.format().unwrap_or(self.encoding.format)
     }
 
     /// Whether an enabled sink writes Avro.
     pub fn avro_needed(&self) -> bool {
-        (self.sinks.kafka.enabled && self.kafka_format() == BodyFormat::Avro)
-            || (self.sinks.nats.enabled && self.nats_format() == BodyFormat::Avro)
+        self.sinks
+            .enabled()
+            .any(|s| self.format_of(s) == BodyFormat::Avro)
     }
 
     /// The path of the state store, if persistent.

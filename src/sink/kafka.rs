@@ -368,6 +368,32 @@ fn describe_client_error(e: &KafkaError) -> String {
     }
 }
 
+impl super::SinkConfig for KafkaConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn format(&self) -> Option<Format> {
+        self.format
+    }
+
+    fn route_name(&self, route: Route) -> Option<String> {
+        Some(self.topics.topic(route).to_string())
+    }
+
+    fn build(&self, format: Format) -> Result<Arc<dyn Sink>, SinkError> {
+        let cfg = KafkaConfig {
+            format: Some(format),
+            ..self.clone()
+        };
+        Ok(Arc::new(KafkaSink::new(&cfg)?))
+    }
+}
+
 impl KafkaSink {
     /// Builds the producer from the config (no network yet: librdkafka connects in the
     /// background). Fails on invalid properties or an unset `password_env` variable.

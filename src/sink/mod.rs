@@ -131,6 +131,24 @@ impl SinkError {
     }
 }
 
+/// A sink's config section (`[sinks.<name>]`), which builds its sink: `app`, `check` and the
+/// validation iterate over these instead of naming each sink, so a new sink is its module and
+/// one line in `config::SinksConfig::all`.
+pub trait SinkConfig: Send + Sync {
+    /// The sink's name in logs, errors and `taskstream check`.
+    fn name(&self) -> &'static str;
+    /// Whether the section turns the sink on.
+    fn enabled(&self) -> bool;
+    /// The body format it asked for; `None` follows `[encoding] format`. Sinks that only write
+    /// JSON say so.
+    fn format(&self) -> Option<Format>;
+    /// The topic or subject a route's records go to, which names the route's registry subject
+    /// when the sink writes Avro; `None` for a sink without routes.
+    fn route_name(&self, route: Route) -> Option<String>;
+    /// Builds the sink for `format` (no network yet: `Sink::prepare` connects).
+    fn build(&self, format: Format) -> Result<Arc<dyn Sink>, SinkError>;
+}
+
 /// A broker the records go to.
 pub trait Sink: Send + Sync {
     /// A short name for logs and metrics (`kafka`, `nats`, `stdout`, ...).

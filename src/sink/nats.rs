@@ -309,6 +309,32 @@ fn publish_error(e: &jetstream::context::PublishError) -> SinkError {
     }
 }
 
+impl super::SinkConfig for NatsConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn format(&self) -> Option<Format> {
+        self.format
+    }
+
+    fn route_name(&self, route: Route) -> Option<String> {
+        Some(self.subjects.base(route).to_string())
+    }
+
+    fn build(&self, format: Format) -> Result<Arc<dyn Sink>, SinkError> {
+        let cfg = NatsConfig {
+            format: Some(format),
+            ..self.clone()
+        };
+        Ok(Arc::new(NatsSink::new(&cfg)?))
+    }
+}
+
 impl NatsSink {
     /// Checks the config and reads the credentials; the connection is made on first use
     /// (`prepare` or `enqueue`), so a server that starts later is fine.

@@ -155,6 +155,29 @@ pub struct StdoutSink {
     done: watch::Receiver<Done>,
 }
 
+impl super::SinkConfig for StdoutConfig {
+    fn name(&self) -> &'static str {
+        "stdout"
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn format(&self) -> Option<super::Format> {
+        // JSON lines, whatever `[encoding]` says.
+        Some(super::Format::Json)
+    }
+
+    fn route_name(&self, _route: super::Route) -> Option<String> {
+        None
+    }
+
+    fn build(&self, _format: super::Format) -> Result<Arc<dyn super::Sink>, SinkError> {
+        Ok(Arc::new(StdoutSink::new(self)?))
+    }
+}
+
 impl StdoutSink {
     /// Opens the file (appending) or standard output, and starts the writer thread.
     pub fn new(cfg: &StdoutConfig) -> Result<Self, SinkError> {

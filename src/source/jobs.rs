@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::{Control, Source, SourceError, SourceEvent};
+use super::{Source, SourceError, SourceEvent};
 use crate::metrics::{inc, metrics};
 use crate::secret::Secret;
 
@@ -466,7 +466,6 @@ impl Source for JobsSource {
     fn run(
         self: Box<Self>,
         out: mpsc::Sender<SourceEvent>,
-        _control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         (*self).run_loop(out, shutdown).boxed()

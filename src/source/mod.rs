@@ -147,11 +147,12 @@ pub trait Source: Send {
     /// A short name for logs.
     fn name(&self) -> &str;
 
-    /// Runs until shutdown or a fatal error, sending events in order on `out`.
+    /// Runs until shutdown or a fatal error, sending events in order on `out`. A source that
+    /// takes requests from the pipeline (the SynapTask one: reconcile, catch up) hands out its
+    /// own controller.
     fn run(
         self: Box<Self>,
         out: mpsc::Sender<SourceEvent>,
-        control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>>;
 }

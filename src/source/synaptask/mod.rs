@@ -303,6 +303,10 @@ pub struct SynapTaskSource {
     history_off: bool,
     /// Where connection and read attempts are kept, and those of earlier runs.
     connect_log: Option<AttemptLog>,
+    /// Requests from the pipeline (reconcile, catch up), taken by `run`.
+    control: Option<mpsc::Receiver<Control>>,
+    /// Kept so the channel stays open while the source runs, whoever holds a controller.
+    control_tx: mpsc::Sender<Control>,
 }
 
 /// Where connection and read attempts are kept, and those of earlier runs.
@@ -376,6 +380,7 @@ impl SynapTaskSource {
     pub fn new(cfg: SynapTaskConfig) -> Result<Self, SourceError> {
         cfg.validate().map_err(SourceError::Config)?;
         let token = cfg.token()?;
+        let (control_tx, control) = mpsc::channel(4);
         Ok(Self {
             cfg: Arc::new(cfg),
             token,
@@ -383,7 +388,14 @@ impl SynapTaskSource {
             snapshot_done: false,
             history_off: false,
             connect_log: None,
+            control: Some(control),
+            control_tx,
         })
+    }
+
+    /// A handle through which the pipeline asks for a reconcile or a catch-up.
+    pub fn controller(&self) -> mpsc::Sender<Control> {
+        self.control_tx.clone()
     }
 
     /// Starts from the delivered checkpoint: its history positions and whether a complete
@@ -460,9 +472,18 @@ impl SynapTaskSource {
     async fn run_loop(
         mut self,
         out: mpsc::Sender<SourceEvent>,
-        mut control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
+        // `run` consumes the source, so the receiver is always there; a fresh channel whose
+        // sender lives in `self` would do as well.
+        let mut control = match self.control.take() {
+            Some(c) => c,
+            None => {
+                let (tx, rx) = mpsc::channel(4);
+                self.control_tx = tx;
+                rx
+            }
+        };
         let mut connects: SlidingWindow<()> =
             SlidingWindow::new(self.cfg.connects_per_minute, Duration::from_secs(60));
         // Outlives sessions: the server's read windows do not restart when we reconnect.
@@ -819,10 +840,9 @@ impl Source for SynapTaskSource {
     fn run(
         self: Box<Self>,
         out: mpsc::Sender<SourceEvent>,
-        control: mpsc::Receiver<Control>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
-        (*self).run_loop(out, control, shutdown).boxed()
+        (*self).run_loop(out, shutdown).boxed()
     }
 }
 
@@ -859,6 +879,8 @@ mod tests {
             snapshot_done: false,
             history_off: false,
             connect_log: None,
+            control: None,
+            control_tx: mpsc::channel(1).0,
         };
         for f in 1..30 {
             assert!(s.backoff(f) <= Duration::from_millis(1000));
