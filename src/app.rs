@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::BodyFormat;
 use crate::config::Config;
 use crate::delivery::{Delivery, DeliveryConfig, DeliveryError};
@@ -156,7 +157,7 @@ pub fn open_store(cfg: &Config) -> Result<Box<dyn CheckpointStore>, StateError> 
 
 /// Prepares a sink, retrying while the broker is unreachable (a container may start before it).
 async fn prepare(sink: &Arc<dyn Sink>, shutdown: &CancellationToken) -> Result<bool, SinkError> {
-    let mut delay = Duration::from_millis(250);
+    let mut delays = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         match sink.prepare().await {
             Ok(desc) => {
@@ -167,9 +168,8 @@ async fn prepare(sink: &Arc<dyn Sink>, shutdown: &CancellationToken) -> Result<b
                 tracing::warn!(sink = sink.name(), error = %e, "sink not ready; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(false),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(delays.next_delay()) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),
         }

@@ -26,6 +26,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::metrics::{self, metrics};
 use crate::sink::{AckFuture, Message, Sink, SinkError};
 use crate::state::{apply_op, Checkpoint, CheckpointOp, CheckpointStore, StateError};
@@ -350,15 +351,15 @@ impl Delivery {
         sink: &dyn Sink,
         msg: &Arc<Message>,
     ) -> Result<AckFuture, DeliveryError> {
-        let mut backoff = ENQUEUE_RETRY_MIN;
+        let mut backoff = Backoff::new(ENQUEUE_RETRY_MIN, ENQUEUE_RETRY_MAX);
         loop {
             match sink.enqueue(Arc::clone(msg)).await {
                 Ok(ack) => return Ok(ack),
                 Err(e) if e.is_retryable() => {
                     metrics::inc(&metrics().sink_retries_total);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "enqueue failed; retrying");
-                    self.record_acks_for(backoff).await?;
-                    backoff = (backoff * 2).min(ENQUEUE_RETRY_MAX);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "enqueue failed; retrying");
+                    self.record_acks_for(delay).await?;
                 }
                 Err(e) => return Err(e.into()),
             }

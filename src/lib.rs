@@ -9,6 +9,7 @@
 //! benchmarks run against is its own crate (`sim/`, `taskstream-sim`); the binary's `sim`,
 //! `registry` and `demo` subcommands use it, this library does not.
 pub mod app;
+pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod delivery;

@@ -40,6 +40,7 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, Notify};
 
 use super::{AckFuture, Format, Message, Route, Sink, SinkError};
+use crate::backoff::Backoff;
 use crate::metrics;
 use crate::secret::Secret;
 
@@ -703,13 +704,13 @@ impl Shared {
 
     /// Runs one recovery until the backlog is resent (see the module docs).
     async fn recover(self: &Arc<Self>) {
-        let mut backoff = RECOVERY_BACKOFF_MIN;
+        let mut backoff = Backoff::new(RECOVERY_BACKOFF_MIN, RECOVERY_BACKOFF_MAX);
         let mut attempts = 0u32;
         loop {
             if !self.lock().recovering {
                 return;
             }
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.next_delay()).await;
             attempts += 1;
             match self.recover_once().await {
                 Ok(resent) => {
@@ -718,7 +719,6 @@ impl Shared {
                 }
                 Err(reason) => {
                     tracing::warn!(sink = NAME, attempts, "recovery not done yet: {reason}");
-                    backoff = (backoff * 2).min(RECOVERY_BACKOFF_MAX);
                 }
             }
         }
@@ -770,7 +770,7 @@ impl Shared {
         let mut resent = 0usize;
         // Per (route, key): the highest sequence number this recovery resent.
         let mut resent_keys: HashMap<(Route, String), usize> = HashMap::new();
-        let mut wait = QUEUE_FULL_WAIT_MIN;
+        let mut wait = Backoff::new(QUEUE_FULL_WAIT_MIN, QUEUE_FULL_WAIT_MAX);
         loop {
             // The guard must not live across the sleep, hence the block.
             let queue_full = {
@@ -827,10 +827,9 @@ impl Shared {
                 }
             };
             if queue_full {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(QUEUE_FULL_WAIT_MAX);
+                tokio::time::sleep(wait.next_delay()).await;
             } else {
-                wait = QUEUE_FULL_WAIT_MIN;
+                wait.reset();
             }
         }
     }
@@ -915,7 +914,7 @@ impl Sink for KafkaSink {
             let shared = &self.shared;
             let (tx, rx) = oneshot::channel();
             let mut pending = Pending { msg, tx };
-            let mut wait = QUEUE_FULL_WAIT_MIN;
+            let mut wait = Backoff::new(QUEUE_FULL_WAIT_MIN, QUEUE_FULL_WAIT_MAX);
             loop {
                 // The guard must not live across the sleep, hence the block.
                 let queue_full = {
@@ -956,8 +955,7 @@ impl Sink for KafkaSink {
                 };
                 // Callers await enqueue one at a time, so waiting here keeps the order.
                 pending = queue_full;
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(QUEUE_FULL_WAIT_MAX);
+                tokio::time::sleep(wait.next_delay()).await;
             }
             let ack: AckFuture = async move {
                 rx.await

@@ -30,6 +30,7 @@ use tokio::sync::{oneshot, watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
 use super::{AckFuture, Format, Message, Route, Sink, SinkError};
+use crate::backoff::Backoff;
 use crate::metrics;
 use crate::secret::Secret;
 
@@ -549,7 +550,7 @@ impl Inner {
         publish: Outgoing,
         mut ack: PublishAckFuture,
     ) -> Result<(), SinkError> {
-        let mut backoff = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         loop {
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
@@ -569,9 +570,8 @@ impl Inner {
                 self.warn_throttled("JetStream publish not acknowledged", &failure);
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                backoff = (backoff * 2).min(RETRY_MAX);
                 if is_missing_stream && self.create_stream {
                     // A server that lost its store comes back without the stream; a failure
                     // here shows again as a failed resend.
@@ -632,7 +632,7 @@ impl Inner {
     /// client's command channel and starves the publisher). Retries until a flush succeeds;
     /// a message lost with a dead connection is not resent (core NATS is at-most-once).
     async fn run_core_flusher(self: Arc<Self>, client: Client) {
-        let mut backoff = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         loop {
             let target = self.core_published.load(Ordering::SeqCst);
             if *self.core_flushed.borrow() >= target {
@@ -644,7 +644,7 @@ impl Inner {
             let failure = match tokio::time::timeout(self.ack_timeout, client.flush()).await {
                 Ok(Ok(())) => {
                     self.core_flushed.send_replace(target);
-                    backoff = RETRY_MIN;
+                    backoff.reset();
                     continue;
                 }
                 Ok(Err(e)) => retryable(format!("flush: {e}")),
@@ -654,9 +654,8 @@ impl Inner {
             self.warn_throttled("core NATS flush failed", &failure);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 }

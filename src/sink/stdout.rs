@@ -24,6 +24,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{AckFuture, Message, Sink, SinkError};
+use crate::backoff::Backoff;
 use crate::metrics;
 
 /// When written lines are synced to disk, and acknowledged.
@@ -328,7 +329,7 @@ impl Writer {
 
     /// Writes whole lines, retrying until it works; false when the sink is gone meanwhile.
     fn write(&mut self, batch: &[u8]) -> bool {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut failures = 0u32;
         loop {
             let result = if self.partial {
@@ -355,7 +356,7 @@ impl Writer {
     }
 
     fn retry(&mut self, what: &str, mut f: impl FnMut(&mut Out) -> std::io::Result<()>) -> bool {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut failures = 0u32;
         loop {
             match f(&mut self.out) {
@@ -374,10 +375,9 @@ impl Writer {
         }
     }
 
-    /// Sleeps `backoff` (doubling it up to 5 s); false when the sink was dropped meanwhile.
-    fn pause(&self, backoff: &mut Duration) -> bool {
-        std::thread::sleep(*backoff);
-        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    /// Sleeps the next delay of `backoff`; false when the sink was dropped meanwhile.
+    fn pause(&self, backoff: &mut Backoff) -> bool {
+        std::thread::sleep(backoff.next_delay());
         !lock(&self.shared.pending).closed
     }
 }
