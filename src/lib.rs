@@ -9,14 +9,14 @@
 //! benchmarks run against is its own crate (`sim/`, `taskstream-sim`); the binary's `sim`,
 //! `registry` and `demo` subcommands use it, this library does not.
 pub mod app;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod check;
 pub mod config;
 pub mod delivery;
 pub mod encode;
 pub mod metrics;
 pub mod normalize;
-pub mod ratelimit;
+pub(crate) mod ratelimit;
 pub mod record;
 pub mod secret;
 pub mod sink;
