@@ -1,0 +1,326 @@
+//! The reads of the world: `graph:get`, `branch:get`, `history:page`, `trash:page` pages and
+//! the `/truth` document, as documented or as a [`ReadShape`] says.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::*;
+use crate::model::{Link, Node};
+
+impl World {
+    /// Visible, non-trashed nodes of a user in page order (createdTime, then id: DECISIONS #6).
+    fn page_nodes<'a>(&'a self, ids: impl Iterator<Item = &'a Node>) -> Vec<&'a Node> {
+        let mut v: Vec<&Node> = ids.filter(|n| !n.in_trash).collect();
+        v.sort_by(|a, b| a.created_time.cmp(&b.created_time).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    fn page_links<'a>(&'a self, ids: impl Iterator<Item = &'a Link>) -> Vec<&'a Link> {
+        let mut v: Vec<&Link> = ids.filter(|l| self.link_active(l)).collect();
+        v.sort_by(|a, b| a.created_time.cmp(&b.created_time).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// One page over the list "all nodes, then all links" (DECISIONS #6), at most
+    /// `read_shape.page_cap` objects long when a cap is set.
+    fn page(&self, nodes: &[&Node], links: &[&Link], limit: usize, offset: usize) -> Value {
+        let limit = match self.read_shape.page_cap {
+            0 => limit,
+            cap => limit.min(cap),
+        };
+        let total = nodes.len() + links.len();
+        let end = offset.saturating_add(limit).min(total);
+        let mut memo = HashMap::new();
+        let mut nodes_out = Vec::new();
+        let mut links_out = Vec::new();
+        for i in offset.min(total)..end {
+            if i < nodes.len() {
+                let n = nodes[i];
+                let roots = self.roots_of(n.id, &mut memo);
+                nodes_out.push(n.api_json(&self.users[n.owner], &roots));
+            } else {
+                links_out.push(links[i - nodes.len()].api_json());
+            }
+        }
+        json!({"ok": true, "hasMore": end < total, "nodes": nodes_out, "links": links_out})
+    }
+
+    /// `graph:get`: the caller's whole graph, paged.
+    pub fn graph_page(&self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 5000)?;
+        let nodes = self.page_nodes(self.nodes.values().filter(|n| n.owner == user));
+        let links = self.page_links(self.links.values().filter(|l| l.owner == user));
+        Ok(self.page(&nodes, &links, limit, offset))
+    }
+
+    /// `branch:get`: the branch under `root` (a node id visible to the caller, or a public token).
+    pub fn branch_page(
+        &self,
+        user: usize,
+        root: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 5000)?;
+        let root_node = match Uuid::parse_str(root) {
+            Ok(id) => match self.nodes.get(&id) {
+                Some(n) if n.owner == user && !n.in_trash => n,
+                _ => return Err(ApiError::new("not_found.node_not_found", "Node not found")),
+            },
+            Err(_) => match self
+                .nodes
+                .values()
+                .find(|n| !n.in_trash && n.public_token.as_deref() == Some(root))
+            {
+                Some(n) => n,
+                None => {
+                    return Err(ApiError::new(
+                        "bad_request.branch_not_found",
+                        "Branch not found",
+                    ))
+                }
+            },
+        };
+        let by_token = root_node.owner != user || Uuid::parse_str(root).is_err();
+        let mut members: BTreeSet<Uuid> = BTreeSet::new();
+        members.insert(root_node.id);
+        if !by_token || root_node.public_branch {
+            // Descendants are the sources that point at a node (facts §2.2, DECISIONS #15).
+            let mut stack = vec![root_node.id];
+            while let Some(n) = stack.pop() {
+                for lid in self.in_links.get(&n).into_iter().flatten() {
+                    if let Some(l) = self.links.get(lid) {
+                        if self.link_active(l) && members.insert(l.source) {
+                            stack.push(l.source);
+                        }
+                    }
+                }
+            }
+        }
+        let nodes = self.page_nodes(members.iter().filter_map(|id| self.nodes.get(id)));
+        let links = self.page_links(
+            self.links
+                .values()
+                .filter(|l| members.contains(&l.source) && members.contains(&l.target)),
+        );
+        Ok(self.page(&nodes, &links, limit, offset))
+    }
+
+    /// `history:page`: newest batch first (DECISIONS #4; oldest first with
+    /// `read_shape.history_oldest_first`), scoped by GRAPH + branch root or USER + uid, over
+    /// the newest `read_shape.history_retention` batches of the scope when that is set.
+    pub fn history_page(
+        &self,
+        user: usize,
+        scope_type: &str,
+        scope_id: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 1000)?;
+        let filter: Box<dyn Fn(&Batch) -> bool> = match scope_type {
+            "GRAPH" => {
+                let id = Uuid::parse_str(scope_id).map_err(|_| INVALID_SCOPE)?;
+                let known = self
+                    .nodes
+                    .get(&id)
+                    .map(|n| n.owner == user)
+                    .unwrap_or(false)
+                    || self
+                        .deleted_nodes
+                        .iter()
+                        .any(|(d, _, o)| *d == id && *o == user);
+                if !known {
+                    return Err(INVALID_SCOPE);
+                }
+                Box::new(move |b: &Batch| b.owner == user && b.roots.contains(&id))
+            }
+            "USER" => {
+                if scope_id != self.users[user].uid {
+                    return Err(INVALID_SCOPE);
+                }
+                Box::new(move |b: &Batch| b.actor == user)
+            }
+            _ => return Err(INVALID_SCOPE),
+        };
+        let matching: Vec<&Batch> = self.batches.iter().filter(|b| filter(b)).collect();
+        // Retention keeps the newest batches of the scope's list, whatever order it is paged in.
+        let kept = match self.read_shape.history_retention {
+            0 => &matching[..],
+            n => &matching[matching.len().saturating_sub(n)..],
+        };
+        let ordered: Box<dyn Iterator<Item = &&Batch>> = if self.read_shape.history_oldest_first {
+            Box::new(kept.iter())
+        } else {
+            Box::new(kept.iter().rev())
+        };
+        let out: Vec<Value> = ordered
+            .skip(offset)
+            .take(limit)
+            .map(|b| self.batch_json(b))
+            .collect();
+        let has_more = kept.len() > offset.saturating_add(out.len());
+        Ok(json!({"ok": true, "hasMore": has_more, "batches": out}))
+    }
+
+    /// `trash:page`: the caller's trashed nodes, then trashed links, each by `lastEditedTime`
+    /// then id, in the shapes of facts §6.3.
+    pub fn trash_page(&self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
+        let (limit, offset) = check_range(limit, offset, 1000)?;
+        let mut nodes: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.owner == user && n.in_trash)
+            .collect();
+        nodes.sort_by(|a, b| {
+            a.last_edited_time
+                .cmp(&b.last_edited_time)
+                .then(a.id.cmp(&b.id))
+        });
+        let mut links: Vec<&Link> = self
+            .links
+            .values()
+            .filter(|l| l.owner == user && l.in_trash)
+            .collect();
+        links.sort_by(|a, b| {
+            a.last_edited_time
+                .cmp(&b.last_edited_time)
+                .then(a.id.cmp(&b.id))
+        });
+        let total = nodes.len() + links.len();
+        let end = offset.saturating_add(limit).min(total);
+        let (mut nodes_out, mut links_out) = (Vec::new(), Vec::new());
+        for i in offset.min(total)..end {
+            if i < nodes.len() {
+                let n = nodes[i];
+                let owner = &self.users[n.owner];
+                nodes_out.push(json!({"id": n.id.to_string(), "title": n.title, "status": n.status, "inTrash": true,
+                    "lastBatchID": n.last_batch.to_string(), "version": n.version, "lastEditedTime": n.last_edited_time,
+                    "ownerUsername": owner.username, "ownerEmail": owner.email}));
+            } else {
+                let l = links[i - nodes.len()];
+                links_out.push(json!({"id": l.id.to_string(), "source": l.source.to_string(), "target": l.target.to_string(),
+                    "type": l.kind, "version": l.version, "inTrash": true, "lastBatchID": l.last_batch.to_string()}));
+            }
+        }
+        Ok(json!({"ok": true, "hasMore": end < total, "nodes": nodes_out, "links": links_out}))
+    }
+
+    fn batch_json(&self, b: &Batch) -> Value {
+        let actor = &self.users[b.actor];
+        json!({
+            "batchId": b.id.to_string(),
+            "actor": {"username": actor.username, "email": actor.email},
+            "ts": b.ts,
+            "undone": false,
+            "ops": b.ops.iter().map(|o| json!({
+                "id": o.id,
+                "type": o.kind,
+                "entityId": o.entity_id.to_string(),
+                "forwardPatch": o.forward,
+                "inversePatch": o.inverse,
+                "guard": {"Version": o.guard_version},
+                "createdTime": o.created_time,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The ground truth as `GET /truth` serves it.
+    pub fn truth(&self, with_history: bool) -> Value {
+        let mut memo = HashMap::new();
+        let mut nodes: Vec<&Node> = self.nodes.values().collect();
+        nodes.sort_by_key(|n| n.seq);
+        let nodes: Vec<Value> = nodes
+            .into_iter()
+            .map(|n| {
+                let roots = self.roots_of(n.id, &mut memo);
+                let mut v = n.api_json(&self.users[n.owner], &roots);
+                if let Value::Object(m) = &mut v {
+                    m.insert("inTrash".into(), json!(n.in_trash));
+                    m.insert("publicBranch".into(), json!(n.public_branch));
+                    m.insert("ownerUid".into(), json!(self.users[n.owner].uid));
+                }
+                v
+            })
+            .collect();
+        let mut links: Vec<&Link> = self.links.values().collect();
+        links.sort_by(|a, b| a.created_time.cmp(&b.created_time).then(a.id.cmp(&b.id)));
+        let links: Vec<Value> = links
+            .into_iter()
+            .map(|l| {
+                let roots = self.link_roots(l, &mut memo);
+                let mut v = l.full_json(&roots);
+                if let Value::Object(m) = &mut v {
+                    m.insert("ownerUid".into(), json!(self.users[l.owner].uid));
+                }
+                v
+            })
+            .collect();
+        let deleted = |v: &[(Uuid, u64, usize)]| -> Vec<Value> {
+            v.iter()
+                .map(|(id, ver, o)| json!({"id": id.to_string(), "version": ver, "ownerUid": self.users[*o].uid}))
+                .collect()
+        };
+        let trashed_nodes: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.in_trash)
+            .map(|n| n.id.to_string())
+            .collect();
+        let trashed_links: Vec<String> = self
+            .links
+            .values()
+            .filter(|l| l.in_trash)
+            .map(|l| l.id.to_string())
+            .collect();
+        let transitions: Vec<Value> = self
+            .transitions
+            .iter()
+            .map(|t| {
+                json!({"nodeId": t.node_id.to_string(), "from": t.from, "to": t.to, "version": t.version,
+                       "batchId": t.batch_id.to_string(), "opId": t.op_id, "ts": t.ts, "cause": t.cause})
+            })
+            .collect();
+        let mut out = json!({
+            "users": self.users.iter().map(|u| json!({"uid": u.uid, "username": u.username, "email": u.email})).collect::<Vec<_>>(),
+            "nodes": nodes,
+            "links": links,
+            "deleted": {"nodes": deleted(&self.deleted_nodes), "links": deleted(&self.deleted_links)},
+            "trashed": {"nodes": trashed_nodes, "links": trashed_links},
+            "transitions": transitions,
+            "stats": {"mutations": self.stats.mutations, "ops": self.stats.ops, "batches": self.batches.len(),
+                      "lastOpId": self.next_op_id - 1},
+        });
+        if with_history {
+            let batches: Vec<Value> = self
+                .batches
+                .iter()
+                .map(|b| {
+                    let mut v = self.batch_json(b);
+                    if let Value::Object(m) = &mut v {
+                        m.insert("ownerUid".into(), json!(self.users[b.owner].uid));
+                        m.insert("mutation".into(), json!(b.mutation));
+                        m.insert(
+                            "roots".into(),
+                            json!(b.roots.iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+                        );
+                    }
+                    v
+                })
+                .collect();
+            out["batches"] = Value::Array(batches);
+        }
+        out
+    }
+}
+
+/// Validates `limit` (1..=max) and `offset` (>= 0), as the read events do.
+fn check_range(limit: i64, offset: i64, max: i64) -> Result<(usize, usize), ApiError> {
+    if !(1..=max).contains(&limit) || offset < 0 {
+        return Err(OUT_OF_RANGE);
+    }
+    // Both were just checked to be non-negative and small enough for usize.
+    Ok((limit as usize, offset as usize))
+}
