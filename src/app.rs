@@ -117,6 +117,14 @@ pub fn avro_needs(cfg: &Config) -> Vec<registry::Need> {
                 needs.push(need);
             }
         }
+        if sink.keyed() && cfg.schema_registry.key_format == registry::KeyFormat::Avro {
+            for route in crate::encode::avro::ROUTES {
+                needs.push(registry::Need {
+                    subject: format!("{}-key", sink.route_name(route).unwrap_or_default()),
+                    writer: crate::encode::avro::Writer::Key,
+                });
+            }
+        }
     }
     needs
 }

@@ -725,6 +725,7 @@ mod tests {
     fn msg(id: &str) -> Arc<Message> {
         Arc::new(Message {
             avro: None,
+            avro_key: None,
             route: Route::Nodes,
             event: "updated".into(),
             id: id.into(),

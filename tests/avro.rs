@@ -112,6 +112,7 @@ format = "avro"
 
 [schema_registry]
 url = "{registry}"
+key_format = "avro"
 
 [metrics]
 listen = "127.0.0.1:{{metrics}}"
@@ -182,6 +183,7 @@ fn avro_on_kafka_and_jetstream_reads_back_as_the_json_records() {
         .args(["--registry", &registry.url()])
         .args(["--bootstrap", &tansu.bootstrap(), "--topics", TOPICS])
         .args(["--nats-dump", &dump.display().to_string()])
+        .arg("--avro-keys")
         .output()
         .expect("python3 tests/avro/consume.py (bash tests/run installs its packages)");
     assert!(
@@ -203,6 +205,11 @@ fn avro_on_kafka_and_jetstream_reads_back_as_the_json_records() {
         "{on_nats} on JetStream vs {n} JSON records"
     );
     assert!(report["nats"].as_u64().unwrap() >= n, "{report}");
+    // Keys in Avro: every Kafka message's key decoded by confluent-kafka, tombstones included.
+    assert!(
+        report["avro_keys"].as_u64().unwrap() >= n + report["tombstones"].as_u64().unwrap(),
+        "{report}"
+    );
 }
 
 #[test]

@@ -80,6 +80,7 @@ async fn kill9_child() -> anyhow::Result<()> {
     for i in 1.. {
         let msg = Arc::new(Message {
             avro: None,
+            avro_key: None,
             route: Route::Nodes,
             event: "updated".into(),
             id: format!("batch:{i}"),

@@ -65,6 +65,7 @@ fn message(route: Route, event: &str, n: usize, keys: usize, payload_len: usize)
     );
     Message {
         avro: None,
+        avro_key: None,
         route,
         event: event.into(),
         id: id.clone(),

@@ -136,6 +136,8 @@ pub enum Writer {
     Topic(Route),
     /// The record's own schema (`RecordNameStrategy`).
     Record(Kind),
+    /// Message keys as Avro strings (`<topic>-key`).
+    Key,
 }
 
 impl Writer {
@@ -143,6 +145,7 @@ impl Writer {
     pub fn text(self) -> String {
         match self {
             Writer::Record(kind) => kind.text().to_string(),
+            Writer::Key => "\"string\"".to_string(),
             Writer::Topic(route) => {
                 let kinds = Kind::of_route(route);
                 if kinds.len() == 1 {
@@ -222,6 +225,20 @@ impl AvroEncoder {
             );
         }
         Ok(Self { by_topic, writers })
+    }
+
+    /// A message key as an Avro string in the wire format, when keys are Avro (a `Key` writer
+    /// was registered); `None` otherwise.
+    pub fn encode_key(&self, key: &str) -> Option<Vec<u8>> {
+        let reg = self.writers.get(&Writer::Key)?;
+        let mut out = Vec::with_capacity(key.len() + 10);
+        out.push(0);
+        out.extend_from_slice(&reg.id.to_be_bytes());
+        // A string value of a "string" schema always fits it.
+        reg.writer
+            .write_value(&mut out, Avro::String(key.to_string()))
+            .ok()?;
+        Some(out)
     }
 
     /// The writer a record is encoded with.

@@ -89,11 +89,11 @@ pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Messa
 pub fn to_messages_with(
     group: &Group,
     encoder: &dyn Encoder,
-    avro: Option<&avro::AvroEncoder>,
+    avro_enc: Option<&avro::AvroEncoder>,
 ) -> Result<Vec<Arc<Message>>, EncodeError> {
     let mut out = Vec::with_capacity(group.records.len() + 1);
     for record in &group.records {
-        let avro = avro.map(|a| a.encode_with_id(record)).transpose()?;
+        let avro = avro_enc.map(|a| a.encode_with_id(record)).transpose()?;
         out.push(Arc::new(Message {
             route: route_of(record),
             event: record.event_name(),
@@ -102,6 +102,7 @@ pub fn to_messages_with(
             payload: Some(encoder.encode(record)?),
             headers: headers(record, encoder.content_type()),
             avro,
+            avro_key: avro_enc.and_then(|a| a.encode_key(record.key())),
         }));
     }
     if let Some((kind, id)) = &group.tombstone {
@@ -125,6 +126,7 @@ pub fn to_messages_with(
                 .map(|r| headers(r, encoder.content_type()))
                 .unwrap_or_default(),
             avro: None,
+            avro_key: avro_enc.and_then(|a| a.encode_key(id)),
         }));
     }
     Ok(out)

@@ -26,6 +26,17 @@ pub enum SubjectStrategy {
     Record,
 }
 
+/// How Kafka message keys are written when the body is Avro.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyFormat {
+    /// The entity id (or scope) as raw UTF-8 bytes.
+    #[default]
+    String,
+    /// An Avro `"string"` in the wire format, registered under `<topic>-key`.
+    Avro,
+}
+
 /// `[schema_registry]`: used when a sink's `format` is `avro`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -45,6 +56,8 @@ pub struct RegistryConfig {
     pub password_file: Option<PathBuf>,
     /// Timeout of each registry request, in milliseconds (connecting included).
     pub timeout_ms: u64,
+    /// Kafka keys of Avro sinks: `string` (raw, the default) or `avro`.
+    pub key_format: KeyFormat,
 }
 
 impl Default for RegistryConfig {
@@ -57,6 +70,7 @@ impl Default for RegistryConfig {
             password_env: None,
             password_file: None,
             timeout_ms: 10_000,
+            key_format: KeyFormat::String,
         }
     }
 }

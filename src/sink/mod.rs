@@ -53,6 +53,9 @@ pub struct Message {
     /// The record in Avro (Confluent wire format) and its schema id, when a sink uses Avro;
     /// `payload` stays the JSON document.
     pub avro: Option<(Vec<u8>, u32)>,
+    /// The key as an Avro string in the wire format, when keys are Avro
+    /// (`schema_registry.key_format = "avro"`); tombstones carry it too.
+    pub avro_key: Option<Vec<u8>>,
 }
 
 impl Message {
@@ -67,6 +70,14 @@ impl Message {
                 .as_ref()
                 .map(|(b, _)| Some(b.as_slice()))
                 .ok_or_else(|| format!("record {} was not encoded as Avro", self.id)),
+        }
+    }
+
+    /// The key bytes a sink of `format` publishes: the Avro key when there is one.
+    pub fn key_bytes(&self, format: Format) -> &[u8] {
+        match (format, &self.avro_key) {
+            (Format::Avro, Some(k)) => k,
+            _ => self.key.as_bytes(),
         }
     }
 
@@ -145,6 +156,10 @@ pub trait SinkConfig: Send + Sync {
     /// The topic or subject a route's records go to, which names the route's registry subject
     /// when the sink writes Avro; `None` for a sink without routes.
     fn route_name(&self, route: Route) -> Option<String>;
+    /// Whether its messages have keys (Kafka); Avro keys are registered only for those.
+    fn keyed(&self) -> bool {
+        false
+    }
     /// Builds the sink for `format` (no network yet: `Sink::prepare` connects).
     fn build(&self, format: Format) -> Result<Arc<dyn Sink>, SinkError>;
 }

@@ -483,6 +483,7 @@ mod tests {
     fn line(i: usize) -> Arc<Message> {
         Arc::new(Message {
             avro: None,
+            avro_key: None,
             route: Route::Nodes,
             event: "created".into(),
             id: format!("node:a:{i}"),
@@ -596,6 +597,7 @@ mod tests {
         let msg = |payload: Option<&str>| {
             Arc::new(Message {
                 avro: None,
+                avro_key: None,
                 route: Route::Nodes,
                 event: "created".into(),
                 id: "node:a:1".into(),
@@ -631,6 +633,7 @@ mod tests {
         .unwrap();
         let msg = Arc::new(Message {
             avro: None,
+            avro_key: None,
             route: Route::Nodes,
             event: "created".into(),
             id: "node:c:1".into(),

@@ -109,6 +109,7 @@ def main():
     ap.add_argument("--bootstrap")
     ap.add_argument("--topics", default="")
     ap.add_argument("--nats-dump")
+    ap.add_argument("--avro-keys", action="store_true", help="Kafka keys are Avro strings")
     args = ap.parse_args()
 
     records = {}
@@ -150,6 +151,14 @@ def main():
                 continue
             idle = 0
             headers = dict((k, v.decode()) for k, v in (msg.headers() or []))
+            if args.avro_keys:
+                key = deserializer(msg.key(), SerializationContext(msg.topic(), MessageField.KEY))
+                rec = records.get(headers.get("ce_id", "").removesuffix(":tombstone"))
+                if msg.value() is not None and rec is not None:
+                    want = rec.get("scope") if rec["type"] in ("synaptask.history.batch", "synaptask.gap") else rec["subject"]
+                    if key != want:
+                        mismatches.append(f"kafka key {key!r} != {want!r} ({headers.get('ce_id')})")
+                seen["avro_keys"] = seen.get("avro_keys", 0) + 1
             if msg.value() is None:
                 seen["tombstones"] += 1
                 continue

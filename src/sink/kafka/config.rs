@@ -162,6 +162,10 @@ impl SinkConfig for KafkaConfig {
         self.format
     }
 
+    fn keyed(&self) -> bool {
+        true
+    }
+
     fn route_name(&self, route: Route) -> Option<String> {
         Some(self.topics.topic(route).to_string())
     }

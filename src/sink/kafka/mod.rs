@@ -366,9 +366,9 @@ impl Shared {
                 value: Some(value.as_bytes()),
             });
         }
-        let mut record: BaseRecord<'_, str, [u8], usize> =
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(topics.topic(msg.route), seq)
-                .key(msg.key.as_str())
+                .key(msg.key_bytes(format))
                 .headers(headers);
         // A record without the body of this sink's format is a wiring bug: sent as JSON rather
         // than not at all, and logged.
@@ -559,6 +559,7 @@ mod tests {
     fn entity_msg(key: &str, id: &str, payload: Option<&str>) -> Arc<Message> {
         Arc::new(Message {
             avro: None,
+            avro_key: None,
             route: Route::Nodes,
             event: if payload.is_some() {
                 "updated"

@@ -416,6 +416,7 @@ impl Sink for NatsSink {
                     for (route, event) in samples {
                         let probe = Message {
  avro: None,
+ avro_key: None,
                             route,
                             event: event.into(),
                             id: String::new(),
@@ -466,6 +467,7 @@ mod tests {
     fn msg(route: Route, event: &str) -> Message {
         Message {
             avro: None,
+            avro_key: None,
             route,
             event: event.into(),
             id: "node:a:1".into(),
