@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod encode;
 pub mod metrics;
 pub mod normalize;
+pub mod offsets;
 pub(crate) mod ratelimit;
 pub mod record;
 pub mod secret;

@@ -41,8 +41,50 @@ enum Command {
     Demo(demo::DemoOptions),
     /// Run the SynapTask API simulator (Socket.IO API, job-event API, HTTP ground truth).
     Sim(taskstream_sim::SimConfig),
+    /// Show or change the positions a stopped connector resumes from.
+    Offsets {
+        #[command(subcommand)]
+        command: OffsetsCommand,
+    },
     /// Run a small Confluent-compatible schema registry (for tests and the demo).
     Registry(taskstream_sim::registry::RegistryOptions),
+}
+
+#[derive(Debug, Subcommand)]
+enum OffsetsCommand {
+    /// Every position: snapshot state, entities, history per scope, job frames.
+    Show {
+        /// Configuration file (TOML); names `state.path`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget positions so that the next run starts them again (refused while a connector runs).
+    Reset {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Which source's positions.
+        #[arg(long, value_enum, default_value = "synaptask")]
+        source: taskstream::offsets::Which,
+        /// Only this history scope (`USER:<uid>`, `GRAPH:<root>`).
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Set one history position, lower than today's too (history is replayed from there).
+    Set {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The history scope.
+        #[arg(long)]
+        scope: String,
+        /// The op id to resume after.
+        #[arg(long)]
+        op_id: u64,
+    },
 }
 
 /// The next Ctrl-C or SIGTERM.
@@ -138,6 +180,33 @@ async fn async_main(cli: Cli) -> ExitCode {
             match taskstream::app::run(cfg, Default::default(), shutdown).await {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&e, e.exit_code()),
+            }
+        }
+        Command::Offsets { command } => {
+            let path = match &command {
+                OffsetsCommand::Show { config, .. }
+                | OffsetsCommand::Reset { config, .. }
+                | OffsetsCommand::Set { config, .. } => config.clone(),
+            };
+            let cfg = match taskstream::config::Config::load(path.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(&e, 1),
+            };
+            let result = match command {
+                OffsetsCommand::Show { json, .. } => taskstream::offsets::show(&cfg, json),
+                OffsetsCommand::Reset { source, scope, .. } => {
+                    taskstream::offsets::reset(&cfg, source, scope.as_deref())
+                }
+                OffsetsCommand::Set { scope, op_id, .. } => {
+                    taskstream::offsets::set(&cfg, &scope, op_id)
+                }
+            };
+            match result {
+                Ok(text) => {
+                    println!("{}", text.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, 1),
             }
         }
         Command::Check { config } => {

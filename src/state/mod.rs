@@ -109,6 +109,21 @@ pub enum CheckpointOp {
         /// Unix milliseconds it counts from.
         at_ms: u64,
     },
+    /// `taskstream offsets`: forget every delivered entity and the snapshot flag, so the next
+    /// run takes a full snapshot and publishes every entity again.
+    ResetSnapshot,
+    /// `taskstream offsets`: set a history position exactly (lower too); `None` forgets it.
+    SetHistory {
+        /// The scope.
+        scope: String,
+        /// The position, or `None` to start the scope as new.
+        op_id: Option<u64>,
+    },
+    /// `taskstream offsets`: forget a job client's delivered frame count.
+    ResetJobs {
+        /// Job-API client id.
+        client_id: String,
+    },
     /// Job frames of a client delivered up to this count.
     JobPosition {
         /// Job-API client id.
@@ -195,6 +210,21 @@ pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
             cp.entities.remove(key);
         }
         CheckpointOp::SnapshotComplete => cp.snapshot_complete = true,
+        CheckpointOp::ResetSnapshot => {
+            cp.entities.clear();
+            cp.snapshot_complete = false;
+        }
+        CheckpointOp::SetHistory { scope, op_id } => match op_id {
+            Some(op_id) => {
+                cp.history.insert(scope.clone(), *op_id);
+            }
+            None => {
+                cp.history.remove(scope);
+            }
+        },
+        CheckpointOp::ResetJobs { client_id } => {
+            cp.jobs.remove(client_id);
+        }
         CheckpointOp::JobPosition { client_id, frames } => {
             let e = cp.jobs.entry(client_id.clone()).or_default();
             *e = (*e).max(*frames);

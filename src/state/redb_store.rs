@@ -240,6 +240,21 @@ fn apply_one(t: &mut Tables<'_, '_>, op: &CheckpointOp) -> Result<(), StateError
         CheckpointOp::SnapshotComplete => {
             meta.insert(META_SNAPSHOT_COMPLETE, 1).map_err(io)?;
         }
+        CheckpointOp::ResetSnapshot => {
+            entities.retain(|_, _| false).map_err(io)?;
+            meta.remove(META_SNAPSHOT_COMPLETE).map_err(io)?;
+        }
+        CheckpointOp::SetHistory { scope, op_id } => match op_id {
+            Some(op_id) => {
+                history.insert(scope.as_str(), *op_id).map_err(io)?;
+            }
+            None => {
+                history.remove(scope.as_str()).map_err(io)?;
+            }
+        },
+        CheckpointOp::ResetJobs { client_id } => {
+            jobs.remove(client_id.as_str()).map_err(io)?;
+        }
         CheckpointOp::JobPosition { client_id, frames } => {
             let current = jobs.get(client_id.as_str()).map_err(io)?.map(|g| g.value());
             if current.is_none_or(|c| c < *frames) {
