@@ -16,6 +16,7 @@ use rand::Rng;
 use serde::Deserialize;
 use serde_json::{json, value::RawValue, Value};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
 use socketioxide::SocketIo;
 
 use super::chaos::{Chaos, ChaosCounters, Ending};
@@ -123,6 +124,8 @@ pub struct Sim {
     pub paused: AtomicBool,
     /// Read requests still to leave unanswered (`--drop-reads`).
     pub drop_reads: AtomicU64,
+    /// Sessions whose events are registered but which `on_connect` has not admitted yet.
+    admissions: Mutex<HashMap<String, tokio::sync::watch::Sender<Option<Option<usize>>>>>,
     limits: Limits,
     ip_window: Mutex<SlidingWindow<IpAddr>>,
     user_window: Mutex<SlidingWindow<usize>>,
@@ -209,6 +212,7 @@ impl Sim {
             counters: Counters::default(),
             paused: AtomicBool::new(false),
             drop_reads: AtomicU64::new(0),
+            admissions: Mutex::new(HashMap::new()),
             ip_window: Mutex::new(SlidingWindow::new(
                 limits.connect_per_ip,
                 limits.connect_window,
@@ -237,10 +241,21 @@ impl Sim {
             .max_payload(64 << 20)
             .build_layer();
         let sim = self.clone();
-        io.ns("/", move |s: SocketRef, TryData(auth): TryData<Value>| {
+        let registrar = self.clone();
+        let handler = move |s: SocketRef, TryData(auth): TryData<Value>| {
             let sim = sim.clone();
             async move { sim.on_connect(s, auth.unwrap_or(Value::Null)) }
-        });
+        };
+        io.ns(
+            "/",
+            handler.with(move |s: SocketRef| {
+                let sim = registrar.clone();
+                async move {
+                    sim.register_events(&s);
+                    Ok::<(), std::convert::Infallible>(())
+                }
+            }),
+        );
         *lock(&self.io) = Some(io);
         let router = Router::new()
             .route(
@@ -282,7 +297,81 @@ impl Sim {
         lock(&self.io).clone()
     }
 
+    /// Registers the session's event handlers. Runs as a connect middleware, before the CONNECT
+    /// packet goes out: a client that emits a read as soon as it is connected (seed 002's
+    /// example does, in its `connect` handler) must never race the registration. A read then
+    /// waits for `on_connect` to admit the session (auth and limits) or refuse it.
+    fn register_events(self: &Arc<Self>, s: &SocketRef) {
+        let (tx, admitted) = tokio::sync::watch::channel(None::<Option<usize>>);
+        lock(&self.admissions).insert(s.id.to_string(), tx);
+        for event in ["graph:get", "branch:get", "history:page", "trash:page"] {
+            let sim = self.clone();
+            let admitted = admitted.clone();
+            s.on(
+                event,
+                move |TryData(data): TryData<Value>, ack: AckSender| {
+                    let sim = sim.clone();
+                    let admitted = admitted.clone();
+                    async move {
+                        let dropping = sim
+                            .drop_reads
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                        if dropping {
+                            tracing::info!(event, "read left unanswered (--drop-reads)");
+                            return;
+                        }
+                        // The read was registered before the session was admitted (see
+                        // `register_events`): wait for the admission, briefly.
+                        let mut admitted = admitted.clone();
+                        let decided = tokio::time::timeout(Duration::from_secs(5), async {
+                            admitted
+                                .wait_for(Option::is_some)
+                                .await
+                                .map(|a| *a)
+                                .ok()
+                                .flatten()
+                                .flatten()
+                        })
+                        .await;
+                        let Ok(Some(user)) = decided else {
+                            return;
+                        };
+                        let reply = sim.read(user, event, data.unwrap_or(Value::Null));
+                        let delay = sim.faults.chaos.as_ref().and_then(Chaos::ack_delay);
+                        if let Some(delay) = delay {
+                            // socketioxide runs each async handler as its own task, so this
+                            // wait holds back only this ack.
+                            tracing::info!(event, ?delay, "ack sent late (--chaos)");
+                            tokio::time::sleep(delay).await;
+                        }
+                        ack.send(&reply).ok();
+                    }
+                },
+            );
+        }
+        if !self.faults.no_ws_ping {
+            s.on("ws:ping", |s: SocketRef| async move {
+                s.emit("ws:pong", &json!({"serverTime": now_rfc3339()}))
+                    .ok();
+            });
+        }
+        s.on_fallback(|ack: AckSender| async move {
+            let trace = new_trace_id();
+            let e = ApiError {
+                code: "bad_request.unknown_event",
+                message: "Unknown event",
+            };
+            ack.send(&err_ack(e, &trace)).ok();
+        });
+    }
+
     fn on_connect(self: Arc<Self>, s: SocketRef, auth: Value) {
+        // A session that is refused below never gets its reads answered.
+        let _refuse_reads = RefuseUnlessAdmitted {
+            sim: self.clone(),
+            sid: s.id.to_string(),
+        };
         Counters::bump(&self.counters.connect_attempts);
         // An outage refuses before any limit sees the attempt: a client reconnecting through
         // it is not breaking the connect limits.
@@ -361,48 +450,9 @@ impl Sim {
                 }
             }
         });
-        for event in ["graph:get", "branch:get", "history:page", "trash:page"] {
-            let sim = self.clone();
-            s.on(
-                event,
-                move |TryData(data): TryData<Value>, ack: AckSender| {
-                    let sim = sim.clone();
-                    async move {
-                        let dropping = sim
-                            .drop_reads
-                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                            .is_ok();
-                        if dropping {
-                            tracing::info!(event, "read left unanswered (--drop-reads)");
-                            return;
-                        }
-                        let reply = sim.read(user, event, data.unwrap_or(Value::Null));
-                        let delay = sim.faults.chaos.as_ref().and_then(Chaos::ack_delay);
-                        if let Some(delay) = delay {
-                            // socketioxide runs each async handler as its own task, so this
-                            // wait holds back only this ack.
-                            tracing::info!(event, ?delay, "ack sent late (--chaos)");
-                            tokio::time::sleep(delay).await;
-                        }
-                        ack.send(&reply).ok();
-                    }
-                },
-            );
+        if let Some(tx) = lock(&self.admissions).remove(&s.id.to_string()) {
+            tx.send_replace(Some(Some(user)));
         }
-        if !self.faults.no_ws_ping {
-            s.on("ws:ping", |s: SocketRef| async move {
-                s.emit("ws:pong", &json!({"serverTime": now_rfc3339()}))
-                    .ok();
-            });
-        }
-        s.on_fallback(|ack: AckSender| async move {
-            let trace = new_trace_id();
-            let e = ApiError {
-                code: "bad_request.unknown_event",
-                message: "Unknown event",
-            };
-            ack.send(&err_ack(e, &trace)).ok();
-        });
         s.emit(
             "connected",
             &json!({"ok": true, "uid": uid, "client": "api", "serverTime": now_rfc3339()}),
@@ -698,4 +748,18 @@ async fn admin_blackout(
     }
     tracing::info!(ms = req.ms, sockets = n, "blackout");
     Json(json!({"ok": true, "sockets": n, "ms": req.ms}))
+}
+
+/// Refuses a session's pending reads when `on_connect` returns without admitting it.
+struct RefuseUnlessAdmitted {
+    sim: Arc<Sim>,
+    sid: String,
+}
+
+impl Drop for RefuseUnlessAdmitted {
+    fn drop(&mut self) {
+        if let Some(tx) = lock(&self.sim.admissions).remove(&self.sid) {
+            tx.send_replace(Some(None));
+        }
+    }
 }
