@@ -79,7 +79,9 @@ fn positions_are_shown_refused_while_running_and_reset_to_a_new_snapshot() {
     );
     assert_eq!(p["history"][0]["scope"], format!("USER:{UID}"), "{p}");
     let table = offsets(&c, &["show"]);
-    assert!(String::from_utf8_lossy(&table.stdout).contains("synaptask  history USER:"));
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    eprintln!("offsets show:\n{table}");
+    assert!(table.contains("synaptask  history USER:"), "{table}");
 
     let set = offsets(
         &c,
