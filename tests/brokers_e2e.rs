@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use support::{wait_until_matches, Connector, Nats, Seen, SimProcess, Tansu};
+use support::{read_jetstream, wait_until_matches, Connector, Nats, Seen, SimProcess, Tansu};
 
 const TOKEN: &str = "st_brokers_e2e_0a1b2c3d4e5f";
 const UID: &str = "6e5d4c3b-2a19-4807-b6a5-94837261504f";
@@ -303,59 +303,6 @@ listen = "127.0.0.1:{{metrics}}"
 "#,
         url_sim = sim.url()
     )
-}
-
-/// Every message of the SYNAPTASK stream, in stream order.
-async fn read_jetstream(url: &str) -> Vec<Seen> {
-    let client = async_nats::connect(url).await.expect("nats connect");
-    let js = async_nats::jetstream::new(client);
-    let Ok(mut stream) = js.get_stream("SYNAPTASK").await else {
-        return Vec::new();
-    };
-    let total = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
-    let mut out = Vec::new();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    use futures_util::StreamExt;
-    while (out.len() as u64) < total {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(5000)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .expect("fetch");
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            got += 1;
-            let record: Value = serde_json::from_slice(&m.payload).expect("JSON payload");
-            let id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.to_string());
-            assert_eq!(
-                id.as_deref(),
-                record["id"].as_str(),
-                "Nats-Msg-Id is the record id"
-            );
-            out.push(Seen {
-                key: record["subject"].as_str().unwrap_or_default().to_string(),
-                record: Some(record),
-                channel: m.subject.to_string(),
-            });
-        }
-        if got == 0 {
-            break;
-        }
-    }
-    out
 }
 
 #[test]

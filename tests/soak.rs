@@ -18,7 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use support::{Connector, Latest, Nats, Seen, SimProcess, Tansu};
+use support::{read_jetstream, Connector, Latest, Nats, Seen, SimProcess, Tansu};
 
 const TOKEN: &str = "st_soak_9f8e7d6c5b4a3921";
 const UID: &str = "3c2b1a09-f8e7-4d6c-a5b4-a39281706f5e";
@@ -147,49 +147,6 @@ fn read_kafka(bootstrap: &str) -> Vec<Seen> {
         }
     }
     seen
-}
-
-/// Every message of the SYNAPTASK stream, in stream order.
-async fn read_jetstream(url: &str) -> Vec<Seen> {
-    use futures_util::StreamExt;
-    let client = async_nats::connect(url).await.expect("nats connect");
-    let js = async_nats::jetstream::new(client);
-    let Ok(mut stream) = js.get_stream("SYNAPTASK").await else {
-        return Vec::new();
-    };
-    let total = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut out = Vec::new();
-    while (out.len() as u64) < total {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(5000)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .expect("fetch");
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            got += 1;
-            let record: Value = serde_json::from_slice(&m.payload).expect("JSON payload");
-            out.push(Seen {
-                key: record["subject"].as_str().unwrap_or_default().to_string(),
-                record: Some(record),
-                channel: m.subject.to_string(),
-            });
-        }
-        if got == 0 {
-            break;
-        }
-    }
-    out
 }
 
 /// Entity key -> version, for the test user's nodes and links (active or in the trash).

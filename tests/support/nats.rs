@@ -114,3 +114,58 @@ async fn greets_with_jetstream(port: u16) -> bool {
         Ok(Some(true))
     )
 }
+
+/// Every message of the SYNAPTASK stream, in stream order, each checked to carry its record id
+/// as `Nats-Msg-Id`.
+pub async fn read_jetstream(url: &str) -> Vec<super::Seen> {
+    let client = async_nats::connect(url).await.expect("nats connect");
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream("SYNAPTASK").await else {
+        return Vec::new();
+    };
+    let total = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+    let mut out = Vec::new();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    use futures_util::StreamExt;
+    while (out.len() as u64) < total {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(5000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .expect("fetch");
+        let mut got = 0;
+        while let Some(Ok(m)) = batch.next().await {
+            got += 1;
+            let record: serde_json::Value =
+                serde_json::from_slice(&m.payload).expect("JSON payload");
+            let id = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.to_string());
+            assert_eq!(
+                id.as_deref(),
+                record["id"].as_str(),
+                "Nats-Msg-Id is the record id"
+            );
+            out.push(super::Seen {
+                key: record["subject"].as_str().unwrap_or_default().to_string(),
+                record: Some(record),
+                channel: m.subject.to_string(),
+            });
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    out
+}
