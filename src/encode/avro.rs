@@ -165,17 +165,27 @@ pub fn parse(writer: Writer) -> Result<Schema, String> {
     Schema::parse_str(&writer.text()).map_err(|e| format!("schema {writer:?}: {e}"))
 }
 
-/// The record-name subject of a kind (`io.taskstream.synaptask.NodeChange`).
+/// The record-name subject of a kind (`io.taskstream.synaptask.NodeChange`). Read once from the
+/// schema texts: a topic's union schema looks it up for every record it converts.
 pub fn record_name(kind: Kind) -> String {
-    serde_json::from_str::<Value>(kind.text())
-        .ok()
-        .map(|v| {
-            format!(
-                "{}.{}",
-                v["namespace"].as_str().unwrap_or_default(),
-                v["name"].as_str().unwrap_or_default()
-            )
+    static NAMES: std::sync::OnceLock<HashMap<Kind, String>> = std::sync::OnceLock::new();
+    NAMES
+        .get_or_init(|| {
+            SCHEMA_FILES
+                .iter()
+                .map(|(k, _, text)| {
+                    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+                    let name = format!(
+                        "{}.{}",
+                        v["namespace"].as_str().unwrap_or_default(),
+                        v["name"].as_str().unwrap_or_default()
+                    );
+                    (*k, name)
+                })
+                .collect()
         })
+        .get(&kind)
+        .cloned()
         .unwrap_or_default()
 }
 
