@@ -15,7 +15,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -41,8 +40,8 @@ struct Run {
     dropped: u64,
 }
 
-fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
+fn counter(c: &prometheus_client::metrics::counter::Counter) -> u64 {
+    c.get()
 }
 
 async fn http_post(port: u16, path: &str) {
@@ -64,7 +63,7 @@ async fn settle() {
     let mut since = Instant::now();
     loop {
         let acked = counter(&metrics().messages_acked_total);
-        let in_flight = metrics().in_flight.load(Ordering::Relaxed);
+        let in_flight = metrics().in_flight.get();
         if acked != last || in_flight != 0 {
             last = acked;
             since = Instant::now();

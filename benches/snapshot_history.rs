@@ -11,7 +11,6 @@
 //!
 //! Run: `cargo bench --bench snapshot_history` (no broker needed: records go to /dev/null).
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use taskstream::app::{self, RunOptions};
@@ -33,8 +32,8 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
+fn counter(c: &prometheus_client::metrics::counter::Counter) -> u64 {
+    c.get()
 }
 
 /// The least time `pages` reads can take under 5 reads per `window`.

@@ -31,6 +31,8 @@ use crate::source::{Control, Source, SourceError, SourceEvent};
 use crate::state::journal::Journal;
 use crate::state::redb_store::RedbStore;
 use crate::state::{CheckpointOp, CheckpointStore, MemoryStore, StateError};
+use crate::telemetry::{EventSpan, RecordSpan};
+use tracing::Instrument as _;
 
 /// Why the connector stopped.
 #[derive(Debug, thiserror::Error)]
@@ -192,14 +194,36 @@ async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> Result<(), Ap
             addr: addr.to_string(),
             message: e.to_string(),
         })?;
+    let live = || async { axum::Json(serde_json::json!({"live": true})) };
     let app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(|| async { metrics().render() }),
+            axum::routing::get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics().render(),
+                )
+            }),
         )
+        .route("/health", axum::routing::get(live))
+        .route("/health/live", axum::routing::get(live))
         .route(
-            "/health",
-            axum::routing::get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+            "/health/ready",
+            axum::routing::get(|| async {
+                let (ready, components) = crate::health::health().report();
+                let code = if ready {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                (
+                    code,
+                    axum::Json(serde_json::json!({"ready": ready, "components": components})),
+                )
+            }),
         );
     tracing::info!(%addr, "metrics endpoint up");
     tokio::spawn(async move {
@@ -243,8 +267,9 @@ struct Pipeline {
     view: View,
     ctx: Ctx,
     delivery: Delivery,
-    encoder: Box<dyn Encoder>,
-    /// Set when a sink writes Avro: every record is encoded in both formats.
+    /// Set when a sink writes JSON.
+    encoder: Option<Box<dyn Encoder>>,
+    /// Set when a sink writes Avro.
     avro: Option<Arc<AvroEncoder>>,
     control: mpsc::Sender<Control>,
     /// A catch-up was asked for and has not finished yet.
@@ -274,6 +299,10 @@ struct Pipeline {
     spool: Option<Spool>,
     /// Upserts are journalled here before they are published (restart-exact baselines).
     journal: Option<Journal>,
+    /// The span of the source event being handled (traces exported), ended after it.
+    event_span: Option<EventSpan>,
+    /// When the event being handled was received: its records' spans start there.
+    received_at: std::time::SystemTime,
 }
 
 impl Pipeline {
@@ -285,12 +314,19 @@ impl Pipeline {
         if self.done() {
             return Ok(());
         }
-        let messages = to_messages_with(&group, self.encoder.as_ref(), self.avro.as_deref())?;
+        let spans = self.record_spans(&group);
+        let traceparents: Vec<Option<&str>> = spans
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.traceparent.as_str()))
+            .collect();
+        let messages = to_messages_with(
+            &group,
+            self.encoder.as_deref(),
+            self.avro.as_deref(),
+            &traceparents,
+        )?;
         self.summary.records += group.records.len() as u64;
-        metrics().records_total.fetch_add(
-            group.records.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        metrics().records_total.inc_by(group.records.len() as u64);
         for r in &group.records {
             if matches!(r.body, Body::StatusChanged { .. }) {
                 self.recent_status.insert(&r.id);
@@ -313,8 +349,40 @@ impl Pipeline {
                 journal.compact(keep.iter().map(|(k, p)| (k, p)))?;
             }
         }
-        self.delivery.submit(messages, group.ops).await?;
+        self.delivery
+            .submit_traced(messages, group.ops, spans)
+            .await?;
         Ok(())
+    }
+
+    /// A span per record of `group` when traces are exported, under the span of the source
+    /// event being handled (started here with the records' trace ids when it is the first).
+    fn record_spans(&mut self, group: &Group) -> Vec<Option<RecordSpan>> {
+        if !crate::telemetry::traces::enabled() {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(group.records.len());
+        for record in &group.records {
+            if !self
+                .event_span
+                .as_ref()
+                .is_some_and(|s| s.is_for(&record.trace))
+            {
+                let (name, source) = match record.origin {
+                    Origin::Diff => ("graph:diff", "synaptask"),
+                    Origin::Snapshot => ("graph:get", "synaptask"),
+                    Origin::History => ("history:page", "synaptask"),
+                    Origin::Jobs => ("job_frame", "jobs"),
+                };
+                self.event_span = EventSpan::start(&record.trace, name, source);
+            }
+            out.push(
+                self.event_span
+                    .as_ref()
+                    .and_then(|e| e.record(&record.id, &record.event_type(), self.received_at)),
+            );
+        }
+        out
     }
 
     async fn dead_letter(
@@ -403,7 +471,7 @@ impl Pipeline {
         }
         metrics()
             .job_frames_spooled_total
-            .fetch_add(frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            .inc_by(frames.len() as u64);
         match &self.spool {
             Some(spool) => match spool.append(&frames) {
                 Ok(()) => tracing::info!(
@@ -455,9 +523,7 @@ impl Pipeline {
             bytes,
             tries: 0,
         });
-        metrics()
-            .pending_diffs
-            .store(self.held.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        metrics().pending_diffs.set(self.held.len() as i64);
         if !self.snapshot_active {
             self.ask(Control::CatchUp { reason: why.into() });
         }
@@ -521,9 +587,7 @@ impl Pipeline {
                 }
             }
         }
-        metrics()
-            .pending_diffs
-            .store(self.held.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        metrics().pending_diffs.set(self.held.len() as i64);
         if unknown > 0 || given_up > 0 {
             self.ask(Control::Reconcile {
                 reason: format!(
@@ -574,6 +638,16 @@ impl Pipeline {
 
     async fn handle(&mut self, ev: SourceEvent) -> Result<(), AppError> {
         self.ctx.now = crate::record::now_rfc3339();
+        self.received_at = std::time::SystemTime::now();
+        let (source, kind) = ev.labels();
+        crate::metrics::event(source, kind);
+        let result = self.handle_event(ev).await;
+        // The event's span ends with its handling; its records' spans go on until their acks.
+        self.event_span = None;
+        result
+    }
+
+    async fn handle_event(&mut self, ev: SourceEvent) -> Result<(), AppError> {
         match ev {
             SourceEvent::Session { source_uri } => self.ctx.source = source_uri,
             SourceEvent::SnapshotStart => {
@@ -615,7 +689,7 @@ impl Pipeline {
                 if self.snapshot_before {
                     metrics()
                         .snapshot_changes_total
-                        .fetch_add(d.groups.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        .inc_by(d.groups.len() as u64);
                 }
                 for g in d.groups {
                     self.submit(g).await?;
@@ -818,6 +892,7 @@ pub async fn run(
     if let Some(addr) = &cfg.metrics.listen {
         serve_metrics(addr, shutdown.clone()).await?;
     }
+    crate::health::monitor(sinks.clone(), cfg.jobs.enabled, shutdown.clone());
     for s in &sinks {
         if !prepare(s, &shutdown).await? {
             return Ok(RunSummary::default());
@@ -897,9 +972,19 @@ pub async fn run(
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(256);
     let control_tx = source.controller();
     let sources_stop = shutdown.child_token();
-    let mut source_task = tokio::spawn(Box::new(source).run(tx.clone(), sources_stop.clone()));
-    let mut jobs_task =
-        jobs.map(|j| tokio::spawn(Box::new(j).run(tx.clone(), sources_stop.clone())));
+    // Each source's log lines carry its name (the span's field).
+    let mut source_task = tokio::spawn(
+        Box::new(source)
+            .run(tx.clone(), sources_stop.clone())
+            .instrument(tracing::info_span!("source", source = "synaptask")),
+    );
+    let mut jobs_task = jobs.map(|j| {
+        tokio::spawn(
+            Box::new(j)
+                .run(tx.clone(), sources_stop.clone())
+                .instrument(tracing::info_span!("source", source = "jobs")),
+        )
+    });
     drop(tx);
 
     let mut p = Pipeline {
@@ -909,7 +994,9 @@ pub async fn run(
             now: String::new(),
         },
         delivery,
-        encoder: Box::new(JsonEncoder),
+        encoder: cfg
+            .json_needed()
+            .then(|| Box::new(JsonEncoder) as Box<dyn Encoder>),
         avro,
         control: control_tx,
         catch_up_requested: false,
@@ -928,6 +1015,8 @@ pub async fn run(
         jobs_sent: VecDeque::new(),
         spool: cfg.state_path().map(|p| Spool::beside(p)),
         journal,
+        event_span: None,
+        received_at: std::time::SystemTime::now(),
     };
     for f in spooled {
         p.job(f).await?;

@@ -71,6 +71,17 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
                         message: "no answer within 15 s".into(),
                     })),
                 };
+                // The probe `/health/ready` runs, so check and readiness agree.
+                let r = match r {
+                    Ok(desc) => match crate::health::probe(s.as_ref()).await {
+                        Ok(()) => Ok(desc),
+                        Err(message) => Err(AppError::Sink(crate::sink::SinkError::Retryable {
+                            sink: s.name().into(),
+                            message,
+                        })),
+                    },
+                    Err(e) => Err(e),
+                };
                 note(&format!("sink {}", s.name()), r, &mut out);
             }
         }

@@ -38,6 +38,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[schema_registry]`: where Avro schemas are registered (used by Avro sinks only).
     pub schema_registry: crate::encode::registry::RegistryConfig,
+    /// `[telemetry]`: logs and OpenTelemetry traces.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 pub use crate::encode::Format as BodyFormat;
@@ -156,6 +158,13 @@ impl Config {
         self.sinks
             .enabled()
             .any(|s| self.format_of(s) == BodyFormat::Avro)
+    }
+
+    /// Whether an enabled sink writes JSON (records are encoded as JSON only then).
+    pub fn json_needed(&self) -> bool {
+        self.sinks
+            .enabled()
+            .any(|s| self.format_of(s) == BodyFormat::Json)
     }
 
     /// The path of the state store, if persistent.

@@ -18,9 +18,8 @@
 //! complete together, are committed in one transaction of up to `max_batch` ops.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -28,8 +27,10 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::metrics::{self, metrics};
-use crate::sink::{AckFuture, Message, Sink, SinkError};
+use crate::metrics::{SinkLabels, SinkName};
+use crate::sink::{AckFuture, Message, Route, Sink, SinkError};
 use crate::state::{apply_op, Checkpoint, CheckpointOp, CheckpointStore, StateError};
+use crate::telemetry::RecordSpan;
 
 /// First wait before retrying an `enqueue` that failed with a retryable error.
 const ENQUEUE_RETRY_MIN: Duration = Duration::from_millis(10);
@@ -136,6 +137,10 @@ struct Group {
     /// A sink failed one of its messages: the group never completes.
     failed: bool,
     ops: Vec<CheckpointOp>,
+    /// Per message: its trace span, ended when every sink acknowledged it (tracing on).
+    spans: Vec<Option<RecordSpan>>,
+    /// When it was submitted: the checkpoint lag is the age of the oldest group.
+    submitted: Instant,
 }
 
 impl Group {
@@ -151,6 +156,39 @@ struct AckOutcome {
     result: Result<(), SinkError>,
 }
 
+/// One sink's metric handles, resolved once (a family lookup per message would hash labels).
+struct SinkMetrics {
+    sent: Vec<prometheus_client::metrics::counter::Counter>,
+    acked: Vec<prometheus_client::metrics::counter::Counter>,
+    latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl SinkMetrics {
+    fn of(sink: &str) -> Self {
+        let m = metrics();
+        let labels = |route: Route| SinkLabels {
+            sink: sink.to_string(),
+            route: route.as_str(),
+        };
+        Self {
+            sent: Route::ALL
+                .iter()
+                .map(|r| m.sink_sent.get_or_create(&labels(*r)).clone())
+                .collect(),
+            acked: Route::ALL
+                .iter()
+                .map(|r| m.sink_acked.get_or_create(&labels(*r)).clone())
+                .collect(),
+            latency: m
+                .publish_latency
+                .get_or_create(&SinkName {
+                    sink: sink.to_string(),
+                })
+                .clone(),
+        }
+    }
+}
+
 /// A store transaction running on the blocking pool. Kept in `Delivery` (not in a future's
 /// locals) so that dropping `next_ack` mid-commit loses nothing: the next call awaits it.
 struct Commit {
@@ -161,6 +199,9 @@ struct Commit {
 /// The in-flight window and checkpoint advance (see the module docs).
 pub struct Delivery {
     sinks: Vec<Arc<dyn Sink>>,
+    sink_metrics: Vec<Arc<SinkMetrics>>,
+    /// Messages submitted whose groups are not yet acknowledged in order (checkpoint lag).
+    lagging: usize,
     store: Arc<Mutex<Box<dyn CheckpointStore>>>,
     max_in_flight: usize,
     max_batch: usize,
@@ -201,6 +242,11 @@ impl Delivery {
     ) -> Result<Self, DeliveryError> {
         let checkpoint = store.load()?;
         Ok(Self {
+            sink_metrics: sinks
+                .iter()
+                .map(|s| Arc::new(SinkMetrics::of(s.name())))
+                .collect(),
+            lagging: 0,
             sinks,
             store: Arc::new(Mutex::new(store)),
             max_in_flight: cfg.max_in_flight.max(1),
@@ -234,14 +280,32 @@ impl Delivery {
         msgs: Vec<Arc<Message>>,
         ops: Vec<CheckpointOp>,
     ) -> Result<(), DeliveryError> {
+        self.submit_traced(msgs, ops, Vec::new()).await
+    }
+
+    /// [`Delivery::submit`] with a trace span per message (shorter is fine: the rest have
+    /// none), each ended once every sink acknowledged its message.
+    pub async fn submit_traced(
+        &mut self,
+        msgs: Vec<Arc<Message>>,
+        ops: Vec<CheckpointOp>,
+        mut spans: Vec<Option<RecordSpan>>,
+    ) -> Result<(), DeliveryError> {
         let seq = self.first_seq + self.groups.len() as u64;
+        if !spans.is_empty() {
+            spans.resize_with(msgs.len(), || None);
+        }
+        self.lagging += msgs.len();
         self.groups.push_back(Group {
             waiting: vec![self.sinks.len(); msgs.len()],
             unacked: msgs.len(),
             sealed: false,
             failed: false,
             ops,
+            spans,
+            submitted: Instant::now(),
         });
+        self.update_lag();
         for (index, msg) in msgs.into_iter().enumerate() {
             while self.in_flight >= self.max_in_flight {
                 if !self.wait_for_acks().await? {
@@ -323,19 +387,34 @@ impl Delivery {
             // Acknowledged by every sink, vacuously.
             if let Some(group) = self.group_mut(seq) {
                 group.unacked -= 1;
+                if let Some(span) = group.spans.get_mut(index).and_then(Option::take) {
+                    span.acked();
+                }
             }
             metrics::inc(&metrics().messages_acked_total);
             return Ok(());
         }
         self.in_flight += 1;
-        metrics().in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics().in_flight.inc();
+        let route = msg.route.index();
         for k in 0..self.sinks.len() {
             let sink = Arc::clone(&self.sinks[k]);
+            let sm = Arc::clone(&self.sink_metrics[k]);
+            let sent = Instant::now();
             match self.enqueue(sink.as_ref(), &msg).await {
-                Ok(ack) => self.acks.push(
-                    ack.map(move |result| AckOutcome { seq, index, result })
+                Ok(ack) => {
+                    sm.sent[route].inc();
+                    self.acks.push(
+                        ack.map(move |result| {
+                            if result.is_ok() {
+                                sm.acked[route].inc();
+                                sm.latency.observe(sent.elapsed().as_secs_f64());
+                            }
+                            AckOutcome { seq, index, result }
+                        })
                         .boxed(),
-                ),
+                    );
+                }
                 Err(e) => {
                     self.fail_message(seq, index);
                     return Err(e);
@@ -416,8 +495,11 @@ impl Delivery {
         *waiting -= 1;
         if *waiting == 0 {
             group.unacked -= 1;
+            if let Some(span) = group.spans.get_mut(index).and_then(Option::take) {
+                span.acked();
+            }
             *in_flight -= 1;
-            metrics().in_flight.fetch_sub(1, Ordering::Relaxed);
+            metrics().in_flight.dec();
             metrics::inc(&metrics().messages_acked_total);
             self.advance();
         }
@@ -430,13 +512,16 @@ impl Delivery {
             return;
         };
         group.failed = true;
+        if let Some(span) = group.spans.get_mut(index).and_then(Option::take) {
+            span.failed("a sink refused the message");
+        }
         let was_waiting = group
             .waiting
             .get_mut(index)
             .is_some_and(|w| std::mem::replace(w, 0) > 0);
         if was_waiting {
             self.in_flight -= 1;
-            metrics().in_flight.fetch_sub(1, Ordering::Relaxed);
+            metrics().in_flight.dec();
         }
     }
 
@@ -444,10 +529,22 @@ impl Delivery {
     fn advance(&mut self) {
         while self.groups.front().is_some_and(Group::complete) {
             if let Some(group) = self.groups.pop_front() {
+                self.lagging -= group.waiting.len();
                 self.ready.extend(group.ops);
                 self.first_seq += 1;
             }
         }
+        self.update_lag();
+    }
+
+    /// Publishes the checkpoint lag: messages not yet acknowledged in order, and the age of
+    /// the oldest (also refreshed by the health monitor while nothing moves).
+    fn update_lag(&self) {
+        let m = metrics();
+        m.checkpoint_lag_records
+            .set(i64::try_from(self.lagging).unwrap_or(i64::MAX));
+        let since = self.groups.front().map(|g| g.submitted);
+        crate::metrics::set_oldest_pending(since);
     }
 
     /// Commits `ready` in transactions of up to `max_batch` ops, finishing first any commit
@@ -536,9 +633,7 @@ impl Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         // The gauge is process-wide; take back what this window still counts.
-        metrics()
-            .in_flight
-            .fetch_sub(self.in_flight as i64, Ordering::Relaxed);
+        metrics().in_flight.dec_by(self.in_flight as i64);
     }
 }
 
@@ -893,7 +988,7 @@ mod tests {
         let store = Box::new(RedbStore::open(&path).unwrap());
         let max = 8;
         let mut d = Delivery::new(sinks(&[&a, &b]), store, cfg(max, 16)).unwrap();
-        let commits_before = metrics().checkpoint_commits_total.load(Ordering::Relaxed);
+        let commits_before = metrics().checkpoint_commits_total.get();
         let mut total = 0;
         for g in 0..200u64 {
             let n = if g == 100 { 20 } else { (g % 3) as usize };
@@ -909,7 +1004,7 @@ mod tests {
         assert!(a.max_outstanding() <= max && b.max_outstanding() <= max);
         assert_eq!(log.lock().unwrap().len(), 2 * total);
         assert_eq!(d.checkpoint().jobs["c"], 199);
-        assert!(metrics().checkpoint_commits_total.load(Ordering::Relaxed) > commits_before);
+        assert!(metrics().checkpoint_commits_total.get() > commits_before);
         drop(d);
         let reopened = RedbStore::open(&path).unwrap().load().unwrap();
         assert_eq!(reopened.jobs["c"], 199);

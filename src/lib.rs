@@ -14,6 +14,7 @@ pub mod check;
 pub mod config;
 pub mod delivery;
 pub mod encode;
+pub mod health;
 pub mod metrics;
 pub mod normalize;
 pub mod offsets;

@@ -153,7 +153,10 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    taskstream::telemetry::init();
+    // `run` installs telemetry from its config; every other command logs in the default format.
+    if !matches!(cli.command, Command::Run { .. }) {
+        taskstream::telemetry::init();
+    }
     match cli.command {
         Command::Sim(cfg) => match taskstream_sim::run(cfg, shutdown_on_signals(None)).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -173,11 +176,21 @@ async fn async_main(cli: Cli) -> ExitCode {
         Command::Run { config } => {
             let cfg = match taskstream::config::Config::load(config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => return fail(&e, 1),
+                Err(e) => {
+                    taskstream::telemetry::init();
+                    return fail(&e, 1);
+                }
             };
+            if let Err(e) = taskstream::telemetry::init_with(&cfg.telemetry) {
+                return fail(&e, 1);
+            }
             let hard_stop = Duration::from_secs(cfg.delivery.drain_timeout_secs) + HARD_STOP_MARGIN;
             let shutdown = shutdown_on_signals(Some(hard_stop));
-            match taskstream::app::run(cfg, Default::default(), shutdown).await {
+            let result = taskstream::app::run(cfg, Default::default(), shutdown).await;
+            // Spans still batched go out before the process ends; off the runtime's threads,
+            // since the exporter's HTTP client blocks.
+            let _ = tokio::task::spawn_blocking(taskstream::telemetry::shutdown).await;
+            match result {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(&e, e.exit_code()),
             }

@@ -1,37 +1,131 @@
-//! Process-wide counters and gauges, rendered in the Prometheus text format on the metrics
-//! endpoint. Plain atomics: cheap enough for the hot path, and nothing here can hold a secret
-//! (labels are fixed names, never payload or config values).
+//! Process-wide metrics, kept with `prometheus-client` and rendered in the Prometheus text
+//! format on the metrics endpoint: plain counters and gauges (atomics, cheap on the hot path),
+//! and labelled families and histograms for what is per source, per sink or a latency. Nothing
+//! here can hold a secret: labels are fixed names (sources, sinks, routes, event kinds), never
+//! payload or credential values.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of events a source delivered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `synaptask` or `jobs`.
+    pub source: &'static str,
+    /// The event kind (`diff`, `snapshot_page`, `history`, `job_frame`, `malformed`, ...).
+    pub kind: &'static str,
+}
+
+/// Labels of a sink's messages.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink (`kafka`, `nats`, `stdout`).
+    pub sink: String,
+    /// The topic family (`nodes`, `links`, `status`, `history`, `dlq`, `jobs`).
+    pub route: &'static str,
+}
+
+/// Labels of a per-sink figure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkName {
+    /// The sink (`kafka`, `nats`, `stdout`).
+    pub sink: String,
+}
+
+/// A latency histogram: 0.25 ms to about 8 s in doubling buckets.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
 
 macro_rules! metrics {
     ($( $(#[doc = $doc:literal])* $kind:ident $name:ident ),* $(,)?) => {
         /// Every metric of the process.
-        #[derive(Debug, Default)]
+        #[derive(Debug)]
         pub struct Metrics {
             $( $(#[doc = $doc])* pub $name: metrics!(@ty $kind), )*
+            /// Source events received, per source and kind.
+            pub events_received: Family<EventLabels, Counter>,
+            /// Messages handed to each sink, per sink and route.
+            pub sink_sent: Family<SinkLabels, Counter>,
+            /// Messages each sink's broker acknowledged, per sink and route.
+            pub sink_acked: Family<SinkLabels, Counter>,
+            /// Seconds from handing a message to a sink to its broker's acknowledgement.
+            pub publish_latency: Family<SinkName, Histogram, fn() -> Histogram>,
+            /// Whether each sink's last probe reached its broker (1) or not (0).
+            pub sink_up: Family<SinkName, Gauge>,
+            /// Seconds the oldest message not yet acknowledged in order has waited.
+            pub checkpoint_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+            /// When the oldest message not yet acknowledged in order was submitted (ms since
+            /// the process-wide epoch, 0 = none); the lag gauge is computed from it.
+            oldest_pending_ms: std::sync::atomic::AtomicU64,
+            registry: Registry,
         }
 
-        impl Metrics {
-            /// The Prometheus text exposition of every metric.
-            pub fn render(&self) -> String {
-                let mut out = String::new();
+        impl Default for Metrics {
+            fn default() -> Self {
+                let mut m = Self {
+                    $( $name: Default::default(), )*
+                    events_received: Family::default(),
+                    sink_sent: Family::default(),
+                    sink_acked: Family::default(),
+                    publish_latency: Family::new_with_constructor(latency_histogram),
+                    sink_up: Family::default(),
+                    checkpoint_lag_seconds: Gauge::default(),
+                    oldest_pending_ms: Default::default(),
+                    registry: Registry::with_prefix("taskstream"),
+                };
                 $(
                     let help = concat!($($doc),*).trim();
-                    let _ = writeln!(out, "# HELP taskstream_{} {}", stringify!($name), help);
-                    let _ = writeln!(out, "# TYPE taskstream_{} {}", stringify!($name), metrics!(@kind $kind));
-                    let _ = writeln!(out, "taskstream_{} {}", stringify!($name), self.$name.load(Ordering::Relaxed));
+                    // prometheus-client adds the `_total` of a counter itself.
+                    let name = stringify!($name);
+                    let name = name.strip_suffix("_total").unwrap_or(name);
+                    m.registry.register(name, help, m.$name.clone());
                 )*
-                out
+                m.registry.register(
+                    "events_received",
+                    "Source events received, per source and kind.",
+                    m.events_received.clone(),
+                );
+                m.registry.register(
+                    "sink_messages_sent",
+                    "Messages handed to each sink, per sink and route.",
+                    m.sink_sent.clone(),
+                );
+                m.registry.register(
+                    "sink_messages_acked",
+                    "Messages each sink's broker acknowledged, per sink and route.",
+                    m.sink_acked.clone(),
+                );
+                m.registry.register_with_unit(
+                    "publish_latency",
+                    "Time from handing a message to a sink to its broker's acknowledgement.",
+                    prometheus_client::registry::Unit::Seconds,
+                    m.publish_latency.clone(),
+                );
+                m.registry.register_with_unit(
+                    "checkpoint_lag",
+                    "Age of the oldest message not yet acknowledged in order (what the checkpoint waits for).",
+                    prometheus_client::registry::Unit::Seconds,
+                    m.checkpoint_lag_seconds.clone(),
+                );
+                m.registry.register(
+                    "sink_up",
+                    "Whether each sink's last probe reached its broker (1) or not (0).",
+                    m.sink_up.clone(),
+                );
+                m
             }
         }
     };
-    (@ty counter) => { AtomicU64 };
-    (@ty gauge) => { AtomicI64 };
-    (@kind counter) => { "counter" };
-    (@kind gauge) => { "gauge" };
+    (@ty counter) => { Counter };
+    (@ty gauge) => { Gauge };
+    (@ty seconds) => { Counter<f64, std::sync::atomic::AtomicU64> };
 }
 
 metrics! {
@@ -82,7 +176,7 @@ metrics! {
     counter job_frames_spooled_total,
     /// Seconds spent waiting before connecting because recent attempts (this run's and, from
     /// the state store, earlier runs') used the connect budget.
-    counter connect_budget_wait_seconds_total,
+    seconds connect_budget_wait_seconds_total,
     /// History batches fetched by catch-ups and polls.
     counter history_batches_total,
     /// History catch-ups and polls run.
@@ -101,8 +195,28 @@ metrics! {
     counter outside_scope_total,
     /// Reads waiting for the read budget right now (the read scheduler's queue).
     gauge reads_waiting,
-    /// Milliseconds reads spent waiting for the read budget.
-    counter read_budget_wait_ms_total,
+    /// Messages submitted and not yet acknowledged in order: what the checkpoint lags behind.
+    gauge checkpoint_lag_records,
+    /// Objects read by the running snapshot (0 when none runs).
+    gauge snapshot_objects,
+    /// Pages read by the running snapshot (0 when none runs).
+    gauge snapshot_pages,
+    /// Whether the SynapTask session is up (1) or not (0).
+    gauge source_up,
+    /// Whether the job API connection is up (1) or not (0; also when no job API is configured).
+    gauge jobs_up,
+    /// Seconds reads spent waiting for the read budget.
+    seconds read_budget_wait_seconds_total,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
 }
 
 /// The process-wide metrics.
@@ -111,9 +225,52 @@ pub fn metrics() -> &'static Metrics {
     M.get_or_init(Metrics::default)
 }
 
+/// The instant the oldest-pending times count from.
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// Records when the oldest message not yet acknowledged in order was submitted (`None`: none
+/// waits) and refreshes the lag gauge.
+pub fn set_oldest_pending(since: Option<std::time::Instant>) {
+    let ms = since.map_or(0, |t| {
+        // +1 so that a message submitted at the epoch itself is not taken for "none".
+        u64::try_from(t.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX) + 1
+    });
+    metrics()
+        .oldest_pending_ms
+        .store(ms, std::sync::atomic::Ordering::Relaxed);
+    refresh_lag();
+}
+
+/// Recomputes the checkpoint lag in seconds (called on every change and by the health monitor,
+/// so a stalled broker shows a growing lag).
+pub fn refresh_lag() {
+    let m = metrics();
+    let ms = m
+        .oldest_pending_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let lag = if ms == 0 {
+        0.0
+    } else {
+        let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(ms - 1) as f64 / 1000.0
+    };
+    m.checkpoint_lag_seconds.set(lag);
+}
+
 /// Adds one to a counter.
-pub fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+pub fn inc(c: &Counter) {
+    c.inc();
+}
+
+/// Counts a source event.
+pub fn event(source: &'static str, kind: &'static str) {
+    metrics()
+        .events_received
+        .get_or_create(&EventLabels { source, kind })
+        .inc();
 }
 
 #[cfg(test)]
@@ -124,9 +281,22 @@ mod tests {
     fn renders_prometheus_text() {
         let m = Metrics::default();
         inc(&m.records_total);
+        m.publish_latency
+            .get_or_create(&SinkName {
+                sink: "kafka".into(),
+            })
+            .observe(0.002);
         let text = m.render();
-        assert!(text.contains("# TYPE taskstream_records_total counter"));
-        assert!(text.contains("taskstream_records_total 1"));
+        assert!(text.contains("# TYPE taskstream_records counter"), "{text}");
+        assert!(text.contains("taskstream_records_total 1"), "{text}");
         assert!(text.contains("# HELP taskstream_in_flight Messages in flight"));
+        assert!(
+            text.contains(
+                "taskstream_publish_latency_seconds_bucket{le=\"0.004\",sink=\"kafka\"} 1"
+            ) || text.contains(
+                "taskstream_publish_latency_seconds_bucket{sink=\"kafka\",le=\"0.004\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

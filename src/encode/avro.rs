@@ -275,10 +275,7 @@ impl AvroEncoder {
             .writers
             .get(&writer)
             .ok_or_else(|| err(format!("no registered schema for {writer:?}")))?;
-        let value = reg
-            .converter
-            .convert(&record.to_json(), Kind::of(record))
-            .map_err(err)?;
+        let value = reg.converter.convert_record(record).map_err(err)?;
         let mut out = Vec::with_capacity(256);
         out.push(0);
         out.extend_from_slice(&reg.id.to_be_bytes());
@@ -328,32 +325,139 @@ fn collect_named<'a>(schema: &'a Schema, out: &mut HashMap<String, &'a Schema>) 
 pub struct Converter<'a> {
     schema: &'a Schema,
     named: HashMap<String, &'a Schema>,
+    /// The union branch of each kind, for a topic schema that is a union.
+    branches: HashMap<Kind, usize>,
 }
+
+/// The entity maps of a record, lent to the conversion instead of copied into its document.
+type Lent<'m> = [LentMap<'m>];
+
+/// One lent entity map: the field it stands for, and the map (none: null).
+type LentMap<'m> = (&'static str, Option<&'m Map<String, Value>>);
 
 impl<'a> Converter<'a> {
     /// A converter for `schema` (a record schema, or a union of them).
     pub fn new(schema: &'a Schema) -> Self {
         let mut named = HashMap::new();
         collect_named(schema, &mut named);
-        Self { schema, named }
+        let mut branches = HashMap::new();
+        if let Schema::Union(u) = schema {
+            for (kind, _, _) in SCHEMA_FILES {
+                let want = record_name(kind);
+                let at = u
+                    .variants()
+                    .iter()
+                    .position(|v| matches!(v, Schema::Record(r) if r.name.fullname(None) == want));
+                if let Some(i) = at {
+                    branches.insert(kind, i);
+                }
+            }
+        }
+        Self {
+            schema,
+            named,
+            branches,
+        }
     }
 
     /// A record's JSON document as an Avro value of the schema; `kind` picks a union's branch.
     pub fn convert(&self, doc: &Value, kind: Kind) -> Result<Avro, String> {
+        let empty = Map::new();
+        self.convert_parts(doc.as_object().unwrap_or(&empty), &[], kind)
+    }
+
+    /// A record as an Avro value of the schema. The same values as converting
+    /// `record.to_json()`, without copying the entity states into a JSON document first:
+    /// `before` and `after` are read from the record's own maps.
+    pub fn convert_record(&self, record: &Record) -> Result<Avro, String> {
+        let (envelope, lent): (Record, [LentMap<'_>; 2]) =
+            match &record.body {
+                Body::Entity {
+                    kind,
+                    change,
+                    before,
+                    after,
+                    changed,
+                } => (
+                    with_body(
+                        record,
+                        Body::Entity {
+                            kind: *kind,
+                            change: *change,
+                            before: None,
+                            after: None,
+                            changed: changed.clone(),
+                        },
+                    ),
+                    [("before", before.as_deref()), ("after", after.as_deref())],
+                ),
+                Body::StatusChanged {
+                    from,
+                    to,
+                    after,
+                    actor,
+                    batch_id,
+                    undo_of,
+                } => (
+                    with_body(
+                        record,
+                        Body::StatusChanged {
+                            from: *from,
+                            to: *to,
+                            after: std::sync::Arc::default(),
+                            actor: actor.clone(),
+                            batch_id: batch_id.clone(),
+                            undo_of: undo_of.clone(),
+                        },
+                    ),
+                    [("after", Some(after)), ("", None)],
+                ),
+                _ => {
+                    return self.convert(&record.to_json(), Kind::of(record));
+                }
+            };
+        let doc = envelope.to_json();
+        let empty = Map::new();
+        let obj = doc.as_object().unwrap_or(&empty);
+        let lent: Vec<_> = lent.into_iter().filter(|(n, _)| !n.is_empty()).collect();
+        self.convert_parts(obj, &lent, Kind::of(record))
+    }
+
+    fn convert_parts(
+        &self,
+        obj: &Map<String, Value>,
+        lent: &Lent<'_>,
+        kind: Kind,
+    ) -> Result<Avro, String> {
         match self.schema {
             Schema::Union(u) => {
-                let want = record_name(kind);
-                for (i, variant) in u.variants().iter().enumerate() {
-                    if let Schema::Record(r) = variant {
-                        if r.name.fullname(None) == want {
-                            return Ok(Avro::Union(i as u32, Box::new(self.record(doc, variant)?)));
-                        }
-                    }
-                }
-                Err(format!("the topic schema has no {want}"))
+                let i = self
+                    .branches
+                    .get(&kind)
+                    .copied()
+                    .ok_or_else(|| format!("the topic schema has no {}", record_name(kind)))?;
+                let variant = &u.variants()[i];
+                Ok(Avro::Union(
+                    i as u32,
+                    Box::new(self.record(obj, lent, variant)?),
+                ))
             }
-            other => self.record(doc, other),
+            other => self.record(obj, lent, other),
         }
+    }
+}
+
+/// A record's envelope with another body.
+fn with_body(record: &Record, body: Body) -> Record {
+    Record {
+        id: record.id.clone(),
+        source: record.source.clone(),
+        subject: record.subject.clone(),
+        time: record.time.clone(),
+        sequence: record.sequence,
+        trace: record.trace.clone(),
+        origin: record.origin,
+        body,
     }
 }
 
@@ -373,12 +477,16 @@ impl Converter<'_> {
     }
 
     /// A JSON object as a record: known fields converted, the rest (and misfits) in `extra`.
-    fn record(&self, doc: &Value, schema: &Schema) -> Result<Avro, String> {
+    /// Fields named in `lent` are taken from those maps rather than from `obj`.
+    fn record(
+        &self,
+        obj: &Map<String, Value>,
+        lent: &Lent<'_>,
+        schema: &Schema,
+    ) -> Result<Avro, String> {
         let Schema::Record(r) = self.resolve(schema) else {
             return Err("not a record schema".into());
         };
-        let empty = Map::new();
-        let obj = doc.as_object().unwrap_or(&empty);
         let mut extra: HashMap<String, Avro> = obj
             .iter()
             .filter(|(k, _)| !r.lookup.contains_key(k.as_str()))
@@ -387,6 +495,32 @@ impl Converter<'_> {
         let mut fields = Vec::with_capacity(r.fields.len());
         for f in &r.fields {
             if f.name == "extra" {
+                continue;
+            }
+            if let Some((_, map)) = lent.iter().find(|(n, _)| *n == f.name) {
+                let fitted = match map {
+                    Some(m) => self.object(m, &f.schema),
+                    None => Err(Misfit),
+                };
+                let value = match fitted {
+                    Ok(v) => v,
+                    Err(Misfit) => {
+                        // As for a field of the document: a state that does not fit is kept
+                        // as JSON text in `extra`.
+                        if let Some(m) = map {
+                            let text = serde_json::to_string(m).unwrap_or_default();
+                            extra.insert(f.name.clone(), Avro::String(text));
+                        }
+                        self.empty(&f.schema).ok_or_else(|| {
+                            format!(
+                                "{}.{}: the entity state does not fit and the field has no empty value",
+                                r.name.fullname(None),
+                                f.name
+                            )
+                        })?
+                    }
+                };
+                fields.push((f.name.clone(), value));
                 continue;
             }
             let got = obj.get(&f.name);
@@ -413,6 +547,24 @@ impl Converter<'_> {
             fields.insert(at.min(fields.len()), ("extra".into(), Avro::Map(extra)));
         }
         Ok(Avro::Record(fields))
+    }
+
+    /// A JSON object as a value of `schema`: a record, or the first record branch of a union.
+    fn object(&self, m: &Map<String, Value>, schema: &Schema) -> Result<Avro, Misfit> {
+        match self.resolve(schema) {
+            Schema::Union(u) => {
+                for (i, variant) in u.variants().iter().enumerate() {
+                    if matches!(self.resolve(variant), Schema::Record(_)) {
+                        if let Ok(x) = self.record(m, &[], variant) {
+                            return Ok(Avro::Union(i as u32, Box::new(x)));
+                        }
+                    }
+                }
+                Err(Misfit)
+            }
+            Schema::Record(_) => self.record(m, &[], schema).map_err(|_| Misfit),
+            _ => Err(Misfit),
+        }
     }
 
     /// The value a field takes when its JSON is missing or misfit: null for a nullable field,
@@ -509,10 +661,8 @@ impl Converter<'_> {
                     .map(Avro::Map)
             }
             Schema::Record(_) => {
-                if !v.is_object() {
-                    return Err(Misfit);
-                }
-                self.record(v, schema).map_err(|_| Misfit)
+                let m = v.as_object().ok_or(Misfit)?;
+                self.record(m, &[], schema).map_err(|_| Misfit)
             }
             _ => Err(Misfit),
         }
@@ -577,6 +727,70 @@ mod tests {
         assert_eq!(extra["newField"], Avro::String("{\"x\":1}".into()));
         assert_eq!(extra["createdTime"], Avro::String("\"not a time\"".into()));
         assert_eq!(extra["tags"], Avro::String("[\"a\",1]".into()));
+    }
+
+    #[test]
+    fn converting_a_record_equals_converting_its_json_document() {
+        use crate::record::{Change, Origin, TraceContext};
+        let after: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "id": "a", "version": 2, "status": 7, "title": "t", "newField": {"x": 1},
+            "createdTime": "not a time", "tags": ["a", 1]
+        }))
+        .unwrap();
+        let before: Map<String, Value> =
+            serde_json::from_value(serde_json::json!({"id": "a", "version": 1, "status": 1}))
+                .unwrap();
+        let envelope = |body| Record {
+            id: "node:a:2".into(),
+            source: "synaptask://h/users/u".into(),
+            subject: "a".into(),
+            time: "2026-12-01T10:00:00Z".into(),
+            sequence: 2,
+            trace: TraceContext::from_source("abcdefabcdef"),
+            origin: Origin::Diff,
+            body,
+        };
+        let records = [
+            envelope(Body::Entity {
+                kind: EntityKind::Node,
+                change: Change::Updated,
+                before: Some(before.clone().into()),
+                after: Some(after.clone().into()),
+                changed: vec!["status".into()],
+            }),
+            envelope(Body::Entity {
+                kind: EntityKind::Link,
+                change: Change::Created,
+                before: None,
+                after: Some(before.clone().into()),
+                changed: vec![],
+            }),
+            envelope(Body::StatusChanged {
+                from: 1,
+                to: 3,
+                after: after.into(),
+                actor: Some(serde_json::json!({"username": "u"})),
+                batch_id: Some("b".into()),
+                undo_of: None,
+            }),
+        ];
+        for by_topic in [false, true] {
+            for record in &records {
+                let kind = Kind::of(record);
+                let writer = if by_topic {
+                    Writer::Topic(crate::encode::route_of(record))
+                } else {
+                    Writer::Record(kind)
+                };
+                let schema = parse(writer).unwrap();
+                let c = Converter::new(&schema);
+                assert_eq!(
+                    c.convert_record(record).unwrap(),
+                    c.convert(&record.to_json(), kind).unwrap(),
+                    "{writer:?}"
+                );
+            }
+        }
     }
 
     #[test]

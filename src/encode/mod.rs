@@ -64,6 +64,15 @@ pub(crate) fn route_of(record: &Record) -> Route {
 /// source); a control byte in any of them would make a broker refuse the message and stop the
 /// stream, so every value is made header-safe.
 fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
+    headers_traced(record, content_type, None)
+}
+
+/// [`headers`], with the `traceparent` of the record's own span where it has one.
+fn headers_traced(
+    record: &Record,
+    content_type: &str,
+    traceparent: Option<&str>,
+) -> Vec<(String, String)> {
     [
         ("ce_specversion", "1.0".to_string()),
         ("ce_id", record.id.clone()),
@@ -73,7 +82,10 @@ fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
         ("ce_time", record.time.clone()),
         ("content-type", content_type.to_string()),
         ("trace_id", record.trace.trace_id.clone()),
-        ("traceparent", record.trace.traceparent.clone()),
+        (
+            "traceparent",
+            traceparent.unwrap_or(&record.trace.traceparent).to_string(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), header_safe(&v).into_owned()))
@@ -82,25 +94,36 @@ fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
 
 /// The messages of one group, in publish order: each record, then the delete's tombstone.
 pub fn to_messages(group: &Group, encoder: &dyn Encoder) -> Result<Vec<Arc<Message>>, EncodeError> {
-    to_messages_with(group, encoder, None)
+    to_messages_with(group, Some(encoder), None, &[])
 }
 
-/// [`to_messages`], with each record also in Avro when an Avro sink needs it.
+/// [`to_messages`], with each record in Avro when an Avro sink needs it, and in JSON only
+/// when `json` is given (some sink writes JSON): encoding a format no sink publishes would
+/// only cost time on the pipeline task. `traceparents[i]`, where given, is the `traceparent`
+/// of record `i`'s own span (tracing on).
 pub fn to_messages_with(
     group: &Group,
-    encoder: &dyn Encoder,
+    json: Option<&dyn Encoder>,
     avro_enc: Option<&avro::AvroEncoder>,
+    traceparents: &[Option<&str>],
 ) -> Result<Vec<Arc<Message>>, EncodeError> {
+    let content_type = json.map_or("application/avro", |e| e.content_type());
     let mut out = Vec::with_capacity(group.records.len() + 1);
-    for record in &group.records {
+    for (i, record) in group.records.iter().enumerate() {
+        let traceparent = traceparents.get(i).copied().flatten();
         let avro = avro_enc.map(|a| a.encode_with_id(record)).transpose()?;
+        // An empty payload stands for "not encoded as JSON"; a JSON document is never empty.
+        let payload = match json {
+            Some(encoder) => encoder.encode(record)?,
+            None => Vec::new(),
+        };
         out.push(Arc::new(Message {
             route: route_of(record),
             event: record.event_name(),
             id: header_safe(&record.id).into_owned(),
             key: record.key().to_string(),
-            payload: Some(encoder.encode(record)?),
-            headers: headers(record, encoder.content_type()),
+            payload: Some(payload),
+            headers: headers_traced(record, content_type, traceparent),
             avro,
             avro_key: avro_enc.and_then(|a| a.encode_key(record.key())),
         }));
@@ -122,9 +145,7 @@ pub fn to_messages_with(
             ),
             key: id.clone(),
             payload: None,
-            headers: delete
-                .map(|r| headers(r, encoder.content_type()))
-                .unwrap_or_default(),
+            headers: delete.map(|r| headers(r, content_type)).unwrap_or_default(),
             avro: None,
             avro_key: avro_enc.and_then(|a| a.encode_key(id)),
         }));

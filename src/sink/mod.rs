@@ -34,6 +34,42 @@ pub enum Route {
     History,
 }
 
+impl Route {
+    /// Every route.
+    pub const ALL: [Route; 6] = [
+        Route::Nodes,
+        Route::Links,
+        Route::Status,
+        Route::DeadLetter,
+        Route::Jobs,
+        Route::History,
+    ];
+
+    /// The route's name in metric labels (`nodes`, `links`, `status`, `dlq`, `jobs`, `history`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Nodes => "nodes",
+            Route::Links => "links",
+            Route::Status => "status",
+            Route::DeadLetter => "dlq",
+            Route::Jobs => "jobs",
+            Route::History => "history",
+        }
+    }
+
+    /// The route's position in [`Route::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Route::Nodes => 0,
+            Route::Links => 1,
+            Route::Status => 2,
+            Route::DeadLetter => 3,
+            Route::Jobs => 4,
+            Route::History => 5,
+        }
+    }
+}
+
 /// One message for a broker, already encoded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -46,7 +82,8 @@ pub struct Message {
     pub id: String,
     /// Partition / compaction key: the entity id.
     pub key: String,
-    /// Encoded record; `None` is a Kafka tombstone for `key` (NATS sinks skip tombstones).
+    /// The record as a JSON document; `None` is a Kafka tombstone for `key` (NATS sinks skip
+    /// tombstones). Empty when no sink writes JSON (see [`Message::body`]).
     pub payload: Option<Vec<u8>>,
     /// Headers, in order (`ce_*`, `content-type`, `trace_id`, `traceparent`).
     pub headers: Vec<(String, String)>,
@@ -64,6 +101,9 @@ impl Message {
     pub fn body(&self, format: Format) -> Result<Option<&[u8]>, String> {
         match (format, &self.payload) {
             (_, None) => Ok(None),
+            (Format::Json, Some(p)) if p.is_empty() => {
+                Err(format!("record {} was not encoded as JSON", self.id))
+            }
             (Format::Json, Some(p)) => Ok(Some(p)),
             (Format::Avro, Some(_)) => self
                 .avro
@@ -179,4 +219,10 @@ pub trait Sink: Send + Sync {
 
     /// Waits until everything enqueued so far is acknowledged (on shutdown).
     fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>>;
+
+    /// Whether the broker answers now (`/health/ready` and `taskstream check`): cheap, no
+    /// side effects, called every few seconds while the connector runs.
+    fn probe(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }

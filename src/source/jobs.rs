@@ -398,6 +398,7 @@ impl JobsSource {
             };
             tracing::info!(url = %self.cfg.url, client_id = %self.cfg.client_id, epoch = self.epoch, "connected to the job API");
             failures = 0;
+            crate::health::set_jobs_up(true);
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => {
@@ -439,6 +440,7 @@ impl JobsSource {
                 inc(&metrics().source_events_total);
                 outbox.push(event, bytes + 64);
             }
+            crate::health::set_jobs_up(false);
             failures += 1;
         }
     }

@@ -99,6 +99,25 @@ pub enum SourceEvent {
     },
 }
 
+impl SourceEvent {
+    /// The source and kind labels it is counted under (`taskstream_events_received_total`).
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            SourceEvent::Session { .. } => ("synaptask", "session"),
+            SourceEvent::SnapshotStart => ("synaptask", "snapshot_start"),
+            SourceEvent::SnapshotPage { .. } => ("synaptask", "snapshot_page"),
+            SourceEvent::SnapshotDone { .. } => ("synaptask", "snapshot_done"),
+            SourceEvent::Diff { .. } => ("synaptask", "diff"),
+            SourceEvent::History { .. } => ("synaptask", "history"),
+            SourceEvent::CatchUpDone => ("synaptask", "catch_up_done"),
+            SourceEvent::Gap { .. } => ("synaptask", "gap"),
+            SourceEvent::Job { .. } => ("jobs", "job_frame"),
+            SourceEvent::Malformed { event, .. } if event == "job_frame" => ("jobs", "malformed"),
+            SourceEvent::Malformed { .. } => ("synaptask", "malformed"),
+        }
+    }
+}
+
 /// What the pipeline can ask of a source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {

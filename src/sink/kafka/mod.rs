@@ -522,6 +522,22 @@ impl Sink for KafkaSink {
         .boxed()
     }
 
+    fn probe(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        async move {
+            let missing = self
+                .shared
+                .missing_topics()
+                .await
+                .map_err(|e| retryable(format!("{}: {e}", self.shared.brokers)))?;
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(retryable(format!("topics missing: {}", missing.join(", "))))
+            }
+        }
+        .boxed()
+    }
+
     fn flush(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         async move {
             self.ensure_worker();

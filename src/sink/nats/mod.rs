@@ -114,19 +114,7 @@ fn retryable(message: impl Into<String>) -> SinkError {
     }
 }
 
-/// The URL without user info, which may hold a password.
-fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|u| match (u.find("://"), u.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &u[..scheme + 3], &u[at..])
-            }
-            (None, Some(at)) => format!("***{}", &u[at..]),
-            _ => u.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
+use crate::secret::redact_url;
 
 fn load_secret(var: Option<&str>, what: &str) -> Result<Option<Secret>, SinkError> {
     let Some(var) = var else { return Ok(None) };
@@ -435,6 +423,34 @@ impl Sink for NatsSink {
                     Ok(format!("nats {url}: stream {} ready (jetstream)", inner.stream))
                 }
             }
+        }
+        .boxed()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        async move {
+            let inner = &self.inner;
+            let Some(conn) = inner.conn.get() else {
+                return Err(retryable("not connected yet"));
+            };
+            if conn.client.connection_state() != async_nats::connection::State::Connected {
+                return Err(retryable(format!(
+                    "{}: not connected (reconnecting)",
+                    redact_url(&inner.url)
+                )));
+            }
+            // A round trip: the connection state lags a server that stopped answering.
+            tokio::time::timeout(Duration::from_secs(2), conn.client.flush())
+                .await
+                .map_err(|_| retryable("no answer within 2 s"))?
+                .map_err(|e| retryable(format!("flush: {e}")))?;
+            if inner.mode == NatsMode::JetStream {
+                tokio::time::timeout(Duration::from_secs(2), conn.js.get_stream(&inner.stream))
+                    .await
+                    .map_err(|_| retryable("JetStream: no answer within 2 s"))?
+                    .map_err(|e| retryable(format!("JetStream stream {}: {e}", inner.stream)))?;
+            }
+            Ok(())
         }
         .boxed()
     }

@@ -279,9 +279,7 @@ async fn catch_up_scope(
         })
         .await?;
     }
-    metrics()
-        .history_batches_total
-        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+    metrics().history_batches_total.inc_by(count as u64);
     if let Some(n) = newest {
         st.cursor = Some(n.max(cursor));
     }

@@ -318,7 +318,7 @@ impl SynapTaskSource {
                 );
                 metrics()
                     .connect_budget_wait_seconds_total
-                    .fetch_add(budget_wait.as_secs(), std::sync::atomic::Ordering::Relaxed);
+                    .inc_by(budget_wait.as_secs_f64());
             }
             if !wait.is_zero() {
                 tracing::info!(
@@ -359,6 +359,7 @@ impl SynapTaskSource {
                 }
             };
             inc(&metrics().connects_total);
+            crate::health::set_source_up(true);
             tracing::info!(%uid, url = %self.cfg.url, "connected to SynapTask");
             let source_uri = format!("synaptask://{}/users/{uid}", self.cfg.host());
             if out.send(SourceEvent::Session { source_uri }).await.is_err() {
@@ -373,9 +374,9 @@ impl SynapTaskSource {
                 shutdown.clone(),
             )
             .with_log(connect_log.clone());
-            let stop = self
-                .serve(&mut session, &uid, &reader, &mut control)
-                .await?;
+            let stop = self.serve(&mut session, &uid, &reader, &mut control).await;
+            crate::health::set_source_up(false);
+            let stop = stop?;
             session.close().await;
             match stop {
                 Stop::Shutdown => return Ok(()),

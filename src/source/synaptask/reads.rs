@@ -7,7 +7,6 @@
 //! snapshot or a history catch-up runs before a periodic history poll, which runs before an
 //! anti-entropy snapshot, and a job never waits behind a lower-priority one's reads.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -127,20 +126,20 @@ impl Reader {
                 }
                 if !waited {
                     waited = true;
-                    metrics().reads_waiting.fetch_add(1, Ordering::Relaxed);
+                    metrics().reads_waiting.inc();
                 }
                 // A little slack over the window, so our clock and the server's never disagree.
                 let slept = self.sleep(wait + Duration::from_millis(150)).await;
                 if slept.is_err() {
-                    metrics().reads_waiting.fetch_sub(1, Ordering::Relaxed);
+                    metrics().reads_waiting.dec();
                 }
                 slept?;
             }
             if waited {
-                metrics().reads_waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics().reads_waiting.dec();
                 metrics()
-                    .read_budget_wait_ms_total
-                    .fetch_add(queued.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    .read_budget_wait_seconds_total
+                    .inc_by(queued.elapsed().as_secs_f64());
             }
             let sent = self
                 .budget
