@@ -208,6 +208,16 @@ async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> Result<(), Ap
                 )
             }),
         )
+        .route(
+            "/control/resnapshot",
+            axum::routing::post(|| async {
+                crate::health::request_resnapshot();
+                (
+                    axum::http::StatusCode::ACCEPTED,
+                    axum::Json(serde_json::json!({"resnapshot": "requested"})),
+                )
+            }),
+        )
         .route("/health", axum::routing::get(live))
         .route("/health/live", axum::routing::get(live))
         .route(
@@ -929,6 +939,7 @@ pub async fn run(
         None => None,
     };
     let source = source
+        .expecting(checkpoint.entities.len() as u64)
         .resume_from(&checkpoint.history, checkpoint.snapshot_complete)
         .with_attempt_log(delivery.store(), &checkpoint.connects, &checkpoint.reads);
     let snapshot_before = checkpoint.snapshot_complete;
@@ -1044,6 +1055,12 @@ pub async fn run(
                     },
                     None => break,
                 },
+                () = crate::health::resnapshot_signal().notified() => {
+                    tracing::info!("snapshot reconcile requested by an operator");
+                    p.ask(Control::Reconcile {
+                        reason: "requested by an operator".into(),
+                    });
+                }
                 r = &mut source_task, if !source_done => {
                     source_done = true;
                     source_outcome(r)?;

@@ -3,6 +3,9 @@
 //! when configured) is up and every sink's broker answers its probe, 503 otherwise, with the
 //! reason per component. A monitor task probes the sinks every [`PROBE_INTERVAL`] (the same
 //! [`Sink::probe`] that `taskstream check` uses) and refreshes the checkpoint-lag gauge.
+//!
+//! It also carries the one operator request a running connector takes: a snapshot reconcile
+//! without a restart (`POST /control/resnapshot`, `taskstream resnapshot`, or SIGUSR1).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -127,4 +130,16 @@ pub fn monitor(sinks: Vec<Arc<dyn Sink>>, jobs: bool, shutdown: CancellationToke
             }
         }
     });
+}
+
+/// Asks the running pipeline for a snapshot reconcile (it picks the request up at once).
+pub fn request_resnapshot() {
+    resnapshot_signal().notify_one();
+}
+
+/// Where resnapshot requests wait for the pipeline; a request made while one is pending
+/// merges with it.
+pub fn resnapshot_signal() -> &'static tokio::sync::Notify {
+    static N: OnceLock<tokio::sync::Notify> = OnceLock::new();
+    N.get_or_init(tokio::sync::Notify::new)
 }

@@ -18,6 +18,7 @@ pub mod health;
 pub mod metrics;
 pub mod normalize;
 pub mod offsets;
+pub mod progress;
 pub(crate) mod ratelimit;
 pub mod record;
 pub mod secret;

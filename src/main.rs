@@ -31,6 +31,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Ask the connector running with this configuration for a snapshot reconcile now
+    /// (through its metrics endpoint; sending it SIGUSR1 does the same).
+    Resnapshot {
+        /// Configuration file (TOML); names `metrics.listen`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Validate the configuration and connect once to each source and sink.
     Check {
         /// Configuration file (TOML).
@@ -129,6 +136,48 @@ fn shutdown_on_signals(hard_stop: Option<Duration>) -> CancellationToken {
     token
 }
 
+/// SIGUSR1 asks the running connector for a snapshot reconcile.
+fn resnapshot_on_sigusr1() {
+    #[cfg(unix)]
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            taskstream::health::request_resnapshot();
+        }
+    });
+}
+
+/// `POST /control/resnapshot` to the connector that runs with `cfg` (its metrics endpoint, on
+/// loopback when it listens on every interface).
+async fn resnapshot(cfg: &taskstream::config::Config) -> Result<String, String> {
+    let listen = cfg.metrics.listen.as_deref().ok_or(
+        "metrics.listen is unset: the running connector has no control endpoint (send it SIGUSR1 instead)",
+    )?;
+    let addr = listen
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    let url = format!("http://{addr}/control/resnapshot");
+    let response = reqwest::Client::new()
+        .post(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("no connector answers at {addr}: {e}"))?;
+    if response.status().is_success() {
+        Ok(format!(
+            "snapshot reconcile requested from the connector at {addr}"
+        ))
+    } else {
+        Err(format!(
+            "the connector at {addr} answered {}",
+            response.status()
+        ))
+    }
+}
+
 fn fail(e: &dyn std::fmt::Display, code: u8) -> ExitCode {
     eprintln!("taskstream: {e}");
     ExitCode::from(code)
@@ -184,6 +233,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             if let Err(e) = taskstream::telemetry::init_with(&cfg.telemetry) {
                 return fail(&e, 1);
             }
+            resnapshot_on_sigusr1();
             let hard_stop = Duration::from_secs(cfg.delivery.drain_timeout_secs) + HARD_STOP_MARGIN;
             let shutdown = shutdown_on_signals(Some(hard_stop));
             let result = taskstream::app::run(cfg, Default::default(), shutdown).await;
@@ -217,6 +267,19 @@ async fn async_main(cli: Cli) -> ExitCode {
             match result {
                 Ok(text) => {
                     println!("{}", text.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, 1),
+            }
+        }
+        Command::Resnapshot { config } => {
+            let cfg = match taskstream::config::Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(&e, 1),
+            };
+            match resnapshot(&cfg).await {
+                Ok(text) => {
+                    println!("{text}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e, 1),

@@ -315,7 +315,25 @@ impl Record {
 /// the record's own maps (encoding was a hot spot when it cloned them).
 impl serde::Serialize for Record {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.serialize_parts(s, true)
+    }
+}
+
+/// A record's document without its entity states (`before` and `after` are null): what the
+/// Avro encoder converts, lending it the states instead of copying them.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a>(pub &'a Record);
+
+impl serde::Serialize for Envelope<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize_parts(s, false)
+    }
+}
+
+impl Record {
+    fn serialize_parts<S: serde::Serializer>(&self, s: S, states: bool) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
+        let none: Option<&Map<String, Value>> = None;
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("id", &self.id)?;
         m.serialize_entry("type", &self.event_type())?;
@@ -332,8 +350,13 @@ impl serde::Serialize for Record {
                 changed,
                 ..
             } => {
-                m.serialize_entry("before", before)?;
-                m.serialize_entry("after", after)?;
+                if states {
+                    m.serialize_entry("before", before)?;
+                    m.serialize_entry("after", after)?;
+                } else {
+                    m.serialize_entry("before", &none)?;
+                    m.serialize_entry("after", &none)?;
+                }
                 m.serialize_entry("changed", changed)?;
             }
             Body::StatusChanged {
@@ -346,7 +369,11 @@ impl serde::Serialize for Record {
             } => {
                 m.serialize_entry("from", &json!({"code": from, "name": status_name(*from)}))?;
                 m.serialize_entry("to", &json!({"code": to, "name": status_name(*to)}))?;
-                m.serialize_entry("after", after)?;
+                if states {
+                    m.serialize_entry("after", after)?;
+                } else {
+                    m.serialize_entry("after", &none)?;
+                }
                 m.serialize_entry("changed", &["status"])?;
                 if let Some(actor) = actor {
                     m.serialize_entry("actor", actor)?;

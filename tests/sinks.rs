@@ -457,9 +457,7 @@ async fn kafka_delivers_everything_across_a_broker_crash() -> anyhow::Result<()>
         let cfg = kafka_config(&tansu);
         let sink = KafkaSink::new(&cfg)?;
         tokio::time::timeout(Duration::from_secs(30), sink.prepare()).await??;
-        let retries_before = metrics::metrics()
-            .sink_retries_total
-            .load(Ordering::Relaxed);
+        let retries_before = metrics::metrics().sink_retries_total.get();
 
         let msgs: Vec<Arc<Message>> = (0..900)
             .map(|n| Arc::new(message(Route::Nodes, "updated", n, 50, 300)))
@@ -500,10 +498,7 @@ async fn kafka_delivers_everything_across_a_broker_crash() -> anyhow::Result<()>
             "all {} acks resolved {:?} after the restart; {} retries counted",
             msgs.len(),
             restarted_at.elapsed(),
-            metrics::metrics()
-                .sink_retries_total
-                .load(Ordering::Relaxed)
-                - retries_before
+            metrics::metrics().sink_retries_total.get() - retries_before
         );
 
         let acked = std::mem::take(&mut *acked.lock().unwrap_or_else(|e| e.into_inner()));
@@ -718,9 +713,7 @@ async fn nats_jetstream_delivers_everything_across_a_server_crash() -> anyhow::R
         let cfg = nats_config(&nats, NatsMode::JetStream);
         let sink = NatsSink::new(&cfg)?;
         tokio::time::timeout(Duration::from_secs(30), sink.prepare()).await??;
-        let retries_before = metrics::metrics()
-            .sink_retries_total
-            .load(Ordering::Relaxed);
+        let retries_before = metrics::metrics().sink_retries_total.get();
 
         let msgs: Vec<Arc<Message>> = (0..900)
             .map(|n| Arc::new(message(Route::Nodes, "updated", n, 50, 300)))
@@ -791,10 +784,7 @@ async fn nats_jetstream_delivers_everything_across_a_server_crash() -> anyhow::R
             "all {} acks resolved {:?} after the restart; {} retries counted",
             msgs.len(),
             restarted_at.elapsed(),
-            metrics::metrics()
-                .sink_retries_total
-                .load(Ordering::Relaxed)
-                - retries_before
+            metrics::metrics().sink_retries_total.get() - retries_before
         );
         drop(sink);
 

@@ -9,11 +9,14 @@
 //! string fields (history patches) are written as JSON text; RFC 3339 times become
 //! `timestamp-millis`; status codes become the `TaskStatus` enum.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use apache_avro::schema::Name;
 use apache_avro::types::Value as Avro;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 
 use super::{EncodeError, Encoder};
@@ -191,7 +194,7 @@ pub fn record_name(kind: Kind) -> String {
 
 /// One writer schema with its registry id and its resolved writer.
 struct Registered {
-    converter: Converter<'static>,
+    converter: Converter,
     writer: GenericDatumWriter<'static>,
     id: u32,
 }
@@ -275,13 +278,12 @@ impl AvroEncoder {
             .writers
             .get(&writer)
             .ok_or_else(|| err(format!("no registered schema for {writer:?}")))?;
-        let value = reg.converter.convert_record(record).map_err(err)?;
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(512);
         out.push(0);
         out.extend_from_slice(&reg.id.to_be_bytes());
-        reg.writer
-            .write_value(&mut out, value)
-            .map_err(|e| err(e.to_string()))?;
+        reg.converter
+            .write_record(&reg.writer, record, &mut out)
+            .map_err(err)?;
         Ok((out, reg.id))
     }
 }
@@ -296,22 +298,16 @@ impl Encoder for AvroEncoder {
     }
 }
 
-/// A record's JSON document as an Avro value of `schema` (a record schema, or a union of them
-/// where `kind` picks the branch).
-pub fn to_avro(doc: &Value, schema: &Schema, kind: Kind) -> Result<Avro, String> {
-    Converter::new(schema).convert(doc, kind)
-}
-
-fn collect_named<'a>(schema: &'a Schema, out: &mut HashMap<String, &'a Schema>) {
+fn collect_named(schema: &'static Schema, out: &mut HashMap<&'static Name, &'static Schema>) {
     match schema {
         Schema::Record(r) => {
-            out.insert(r.name.fullname(None), schema);
+            out.insert(&r.name, schema);
             for f in &r.fields {
                 collect_named(&f.schema, out);
             }
         }
         Schema::Enum(e) => {
-            out.insert(e.name.fullname(None), schema);
+            out.insert(&e.name, schema);
         }
         Schema::Union(u) => u.variants().iter().for_each(|v| collect_named(v, out)),
         Schema::Array(a) => collect_named(&a.items, out),
@@ -320,13 +316,179 @@ fn collect_named<'a>(schema: &'a Schema, out: &mut HashMap<String, &'a Schema>) 
     }
 }
 
-/// Converts JSON documents for one writer schema; built once per schema, since finding the
-/// named types walks the whole schema.
-pub struct Converter<'a> {
-    schema: &'a Schema,
-    named: HashMap<String, &'a Schema>,
+/// A value fitted to its schema, borrowing the record's strings: what apache-avro's
+/// schema-aware serializer writes (no `types::Value` tree with copied strings, and no field
+/// lookup table per record, which made Avro cost several times JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out<'r> {
+    /// `null`.
+    Null,
+    /// `boolean`.
+    Bool(bool),
+    /// `int`.
+    Int(i32),
+    /// `long` and `timestamp-millis`.
+    Long(i64),
+    /// `double`.
+    Double(f64),
+    /// `string`.
+    Str(Cow<'r, str>),
+    /// `bytes`.
+    Bytes(Vec<u8>),
+    /// An enum symbol by position.
+    Enum(u32, &'static str),
+    /// A union branch by position.
+    Union(u32, Box<Out<'r>>),
+    /// A union's scalar branch by position, unboxed (most nullable fields: no allocation).
+    Branch(u32, Scalar<'r>),
+    /// `array`.
+    Array(Vec<Out<'r>>),
+    /// `map` (string keys).
+    Map(Vec<(Cow<'r, str>, Out<'r>)>),
+    /// A record's fields in schema order.
+    Record(Vec<(&'static str, Out<'r>)>),
+}
+
+/// A scalar in a union branch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar<'r> {
+    /// `null`.
+    Null,
+    /// `boolean`.
+    Bool(bool),
+    /// `int`.
+    Int(i32),
+    /// `long` and `timestamp-millis`.
+    Long(i64),
+    /// `double`.
+    Double(f64),
+    /// `string`.
+    Str(Cow<'r, str>),
+    /// An enum symbol by position.
+    Enum(u32, &'static str),
+}
+
+impl serde::Serialize for Scalar<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Scalar::Null => s.serialize_unit(),
+            Scalar::Bool(b) => s.serialize_bool(*b),
+            Scalar::Int(n) => s.serialize_i32(*n),
+            Scalar::Long(n) => s.serialize_i64(*n),
+            Scalar::Double(x) => s.serialize_f64(*x),
+            Scalar::Str(v) => s.serialize_str(v),
+            Scalar::Enum(i, symbol) => s.serialize_unit_variant("", *i, symbol),
+        }
+    }
+}
+
+/// A union branch: scalars unboxed.
+fn branch(i: u32, v: Out<'_>) -> Out<'_> {
+    match v {
+        Out::Null => Out::Branch(i, Scalar::Null),
+        Out::Bool(b) => Out::Branch(i, Scalar::Bool(b)),
+        Out::Int(n) => Out::Branch(i, Scalar::Int(n)),
+        Out::Long(n) => Out::Branch(i, Scalar::Long(n)),
+        Out::Double(x) => Out::Branch(i, Scalar::Double(x)),
+        Out::Str(v) => Out::Branch(i, Scalar::Str(v)),
+        Out::Enum(e, symbol) => Out::Branch(i, Scalar::Enum(e, symbol)),
+        other => Out::Union(i, Box::new(other)),
+    }
+}
+
+impl serde::Serialize for Out<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
+        match self {
+            Out::Null => s.serialize_unit(),
+            Out::Bool(b) => s.serialize_bool(*b),
+            Out::Int(n) => s.serialize_i32(*n),
+            Out::Long(n) => s.serialize_i64(*n),
+            Out::Double(x) => s.serialize_f64(*x),
+            Out::Str(v) => s.serialize_str(v),
+            Out::Bytes(b) => s.serialize_bytes(b),
+            Out::Enum(i, symbol) => s.serialize_unit_variant("", *i, symbol),
+            // The branch is chosen here, not guessed by the serializer from the value's type.
+            Out::Union(i, v) => s.serialize_newtype_variant("", *i, "", v.as_ref()),
+            Out::Branch(i, v) => s.serialize_newtype_variant("", *i, "", v),
+            Out::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for x in items {
+                    seq.serialize_element(x)?;
+                }
+                seq.end()
+            }
+            Out::Map(entries) => {
+                let mut map = s.serialize_map(Some(entries.len()))?;
+                for (k, v) in entries {
+                    map.serialize_entry(k.as_ref(), v)?;
+                }
+                map.end()
+            }
+            // Every field, in schema order: written as a tuple, which the serializer takes
+            // field by field without looking names up or buffering.
+            Out::Record(fields) if fields.len() > 1 => {
+                use serde::ser::SerializeTuple;
+                let mut rec = s.serialize_tuple(fields.len())?;
+                for (_, v) in fields {
+                    rec.serialize_element(v)?;
+                }
+                rec.end()
+            }
+            Out::Record(fields) => {
+                let mut rec = s.serialize_struct("", fields.len())?;
+                for (name, v) in fields {
+                    rec.serialize_field(name, v)?;
+                }
+                rec.end()
+            }
+        }
+    }
+}
+
+/// Converts records for one writer schema; built once per schema, since finding the named
+/// types walks the whole schema.
+pub struct Converter {
+    schema: &'static Schema,
+    named: HashMap<&'static Name, &'static Schema>,
     /// The union branch of each kind, for a topic schema that is a union.
     branches: HashMap<Kind, usize>,
+    /// Per record schema (by address): where each field name sits.
+    plans: FxHashMap<usize, Plan>,
+}
+
+/// A record schema's field positions, so that a document's keys are placed with one fast hash
+/// each instead of a name search per field.
+struct Plan {
+    index: FxHashMap<&'static str, usize>,
+    /// The position of the `extra` map, where the schema has one.
+    extra_at: Option<usize>,
+}
+
+fn collect_plans(schema: &'static Schema, out: &mut FxHashMap<usize, Plan>) {
+    match schema {
+        Schema::Record(r) => {
+            let addr = std::ptr::from_ref(r) as usize;
+            if out.contains_key(&addr) {
+                return;
+            }
+            let index = r
+                .fields
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.name.as_str(), i))
+                .collect();
+            let extra_at = r.fields.iter().position(|f| f.name == "extra");
+            out.insert(addr, Plan { index, extra_at });
+            for f in &r.fields {
+                collect_plans(&f.schema, out);
+            }
+        }
+        Schema::Union(u) => u.variants().iter().for_each(|v| collect_plans(v, out)),
+        Schema::Array(a) => collect_plans(&a.items, out),
+        Schema::Map(m) => collect_plans(&m.types, out),
+        _ => {}
+    }
 }
 
 /// The entity maps of a record, lent to the conversion instead of copied into its document.
@@ -335,11 +497,13 @@ type Lent<'m> = [LentMap<'m>];
 /// One lent entity map: the field it stands for, and the map (none: null).
 type LentMap<'m> = (&'static str, Option<&'m Map<String, Value>>);
 
-impl<'a> Converter<'a> {
+impl Converter {
     /// A converter for `schema` (a record schema, or a union of them).
-    pub fn new(schema: &'a Schema) -> Self {
+    pub fn new(schema: &'static Schema) -> Self {
         let mut named = HashMap::new();
         collect_named(schema, &mut named);
+        let mut plans = FxHashMap::default();
+        collect_plans(schema, &mut plans);
         let mut branches = HashMap::new();
         if let Schema::Union(u) = schema {
             for (kind, _, _) in SCHEMA_FILES {
@@ -357,78 +521,53 @@ impl<'a> Converter<'a> {
             schema,
             named,
             branches,
+            plans,
         }
     }
 
-    /// A record's JSON document as an Avro value of the schema; `kind` picks a union's branch.
-    pub fn convert(&self, doc: &Value, kind: Kind) -> Result<Avro, String> {
-        let empty = Map::new();
-        self.convert_parts(doc.as_object().unwrap_or(&empty), &[], kind)
+    /// A record's JSON document fitted to the schema; `kind` picks a union's branch.
+    pub fn convert<'r>(&self, doc: &'r Value, kind: Kind) -> Result<Out<'r>, String> {
+        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+        let obj = doc
+            .as_object()
+            .unwrap_or_else(|| EMPTY.get_or_init(Map::new));
+        self.convert_parts(Doc::Map(obj), &[], kind)
     }
 
-    /// A record as an Avro value of the schema. The same values as converting
-    /// `record.to_json()`, without copying the entity states into a JSON document first:
-    /// `before` and `after` are read from the record's own maps.
-    pub fn convert_record(&self, record: &Record) -> Result<Avro, String> {
-        let (envelope, lent): (Record, [LentMap<'_>; 2]) =
-            match &record.body {
-                Body::Entity {
-                    kind,
-                    change,
-                    before,
-                    after,
-                    changed,
-                } => (
-                    with_body(
-                        record,
-                        Body::Entity {
-                            kind: *kind,
-                            change: *change,
-                            before: None,
-                            after: None,
-                            changed: changed.clone(),
-                        },
-                    ),
-                    [("before", before.as_deref()), ("after", after.as_deref())],
-                ),
-                Body::StatusChanged {
-                    from,
-                    to,
-                    after,
-                    actor,
-                    batch_id,
-                    undo_of,
-                } => (
-                    with_body(
-                        record,
-                        Body::StatusChanged {
-                            from: *from,
-                            to: *to,
-                            after: std::sync::Arc::default(),
-                            actor: actor.clone(),
-                            batch_id: batch_id.clone(),
-                            undo_of: undo_of.clone(),
-                        },
-                    ),
-                    [("after", Some(after)), ("", None)],
-                ),
-                _ => {
-                    return self.convert(&record.to_json(), Kind::of(record));
-                }
-            };
-        let doc = envelope.to_json();
-        let empty = Map::new();
-        let obj = doc.as_object().unwrap_or(&empty);
-        let lent: Vec<_> = lent.into_iter().filter(|(n, _)| !n.is_empty()).collect();
-        self.convert_parts(obj, &lent, Kind::of(record))
-    }
-
-    fn convert_parts(
+    /// A record fitted to the schema and written in the Avro binary encoding (no wire-format
+    /// header). The same bytes as converting `record.to_json()`, without copying the entity
+    /// states into a JSON document first: `before` and `after` are read from the record's maps.
+    pub fn write_record(
         &self,
-        obj: &Map<String, Value>,
-        lent: &Lent<'_>,
+        writer: &GenericDatumWriter<'static>,
+        record: &Record,
+        out: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let lent: [LentMap<'_>; 2] = match &record.body {
+            Body::Entity { before, after, .. } => {
+                [("before", before.as_deref()), ("after", after.as_deref())]
+            }
+            Body::StatusChanged { after, .. } => [("after", Some(after)), ("", None)],
+            _ => {
+                let doc = record.to_json();
+                let fitted = self.convert(&doc, Kind::of(record))?;
+                return write(writer, &fitted, out);
+            }
+        };
+        let Some(pairs) = envelope_pairs(record) else {
+            return Err("no envelope for this record kind".into());
+        };
+        let lent: Vec<_> = lent.into_iter().filter(|(n, _)| !n.is_empty()).collect();
+        let fitted = self.convert_parts(Doc::Pairs(&pairs), &lent, Kind::of(record))?;
+        write(writer, &fitted, out)
+    }
+
+    fn convert_parts<'r>(
+        &self,
+        obj: Doc<'r>,
+        lent: &Lent<'r>,
         kind: Kind,
-    ) -> Result<Avro, String> {
+    ) -> Result<Out<'r>, String> {
         match self.schema {
             Schema::Union(u) => {
                 let i = self
@@ -437,7 +576,7 @@ impl<'a> Converter<'a> {
                     .copied()
                     .ok_or_else(|| format!("the topic schema has no {}", record_name(kind)))?;
                 let variant = &u.variants()[i];
-                Ok(Avro::Union(
+                Ok(Out::Union(
                     i as u32,
                     Box::new(self.record(obj, lent, variant)?),
                 ))
@@ -447,57 +586,140 @@ impl<'a> Converter<'a> {
     }
 }
 
-/// A record's envelope with another body.
-fn with_body(record: &Record, body: Body) -> Record {
-    Record {
-        id: record.id.clone(),
-        source: record.source.clone(),
-        subject: record.subject.clone(),
-        time: record.time.clone(),
-        sequence: record.sequence,
-        trace: record.trace.clone(),
-        origin: record.origin,
-        body,
+/// Writes a fitted value with the writer's schema.
+fn write(
+    writer: &GenericDatumWriter<'static>,
+    v: &Out<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    writer
+        .write_ser(out, v)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The fields of a record's envelope (what `Envelope` serialises) as pairs, without building
+/// a JSON map: for the bodies whose states are lent (entity changes, status changes).
+fn envelope_pairs(record: &Record) -> Option<Vec<(&'static str, Value)>> {
+    let mut out: Vec<(&'static str, Value)> = vec![
+        ("id", Value::String(record.id.clone())),
+        ("type", Value::String(record.event_type())),
+        ("source", Value::String(record.source.clone())),
+        ("subject", Value::String(record.subject.clone())),
+        ("time", Value::String(record.time.clone())),
+        ("sequence", Value::from(record.sequence)),
+        ("traceId", Value::String(record.trace.trace_id.clone())),
+        ("origin", Value::String(record.origin.as_str().to_string())),
+    ];
+    let code = |c: i64| {
+        let mut m = Map::new();
+        m.insert("code".into(), Value::from(c));
+        m.insert(
+            "name".into(),
+            Value::String(crate::record::status_name(c).to_string()),
+        );
+        Value::Object(m)
+    };
+    match &record.body {
+        Body::Entity { changed, .. } => {
+            out.push(("before", Value::Null));
+            out.push(("after", Value::Null));
+            out.push((
+                "changed",
+                Value::Array(changed.iter().cloned().map(Value::String).collect()),
+            ));
+        }
+        Body::StatusChanged {
+            from,
+            to,
+            actor,
+            batch_id,
+            undo_of,
+            ..
+        } => {
+            out.push(("from", code(*from)));
+            out.push(("to", code(*to)));
+            out.push(("after", Value::Null));
+            out.push((
+                "changed",
+                Value::Array(vec![Value::String("status".into())]),
+            ));
+            if let Some(actor) = actor {
+                out.push(("actor", actor.clone()));
+            }
+            if let Some(b) = batch_id {
+                out.push(("batchId", Value::String(b.clone())));
+            }
+            if let Some(u) = undo_of {
+                out.push(("undoOf", Value::String(u.clone())));
+            }
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// A JSON object to convert: a map, or a record's envelope as pairs.
+#[derive(Clone, Copy)]
+enum Doc<'r> {
+    Map(&'r Map<String, Value>),
+    Pairs(&'r [(&'static str, Value)]),
+}
+
+impl<'r> Doc<'r> {
+    fn for_each(self, mut f: impl FnMut(&'r str, &'r Value)) {
+        match self {
+            Doc::Map(m) => m.iter().for_each(|(k, v)| f(k.as_str(), v)),
+            Doc::Pairs(p) => p.iter().for_each(|(k, v)| f(k, v)),
+        }
     }
 }
 
 /// A value that does not fit its field: kept in `extra`.
 struct Misfit;
 
-impl Converter<'_> {
-    fn resolve<'s>(&'s self, schema: &'s Schema) -> &'s Schema {
+impl Converter {
+    fn resolve(&self, schema: &'static Schema) -> &'static Schema {
         match schema {
-            Schema::Ref { name } => self
-                .named
-                .get(&name.fullname(None))
-                .copied()
-                .unwrap_or(schema),
+            Schema::Ref { name } => self.named.get(name).copied().unwrap_or(schema),
             other => other,
         }
     }
 
     /// A JSON object as a record: known fields converted, the rest (and misfits) in `extra`.
     /// Fields named in `lent` are taken from those maps rather than from `obj`.
-    fn record(
+    fn record<'r>(
         &self,
-        obj: &Map<String, Value>,
-        lent: &Lent<'_>,
-        schema: &Schema,
-    ) -> Result<Avro, String> {
+        obj: Doc<'r>,
+        lent: &Lent<'r>,
+        schema: &'static Schema,
+    ) -> Result<Out<'r>, String> {
         let Schema::Record(r) = self.resolve(schema) else {
             return Err("not a record schema".into());
         };
-        let mut extra: HashMap<String, Avro> = obj
-            .iter()
-            .filter(|(k, _)| !r.lookup.contains_key(k.as_str()))
-            .map(|(k, v)| (k.clone(), Avro::String(v.to_string())))
-            .collect();
-        let mut fields = Vec::with_capacity(r.fields.len());
-        for f in &r.fields {
-            if f.name == "extra" {
+        let plan = self
+            .plans
+            .get(&(std::ptr::from_ref(r) as usize))
+            .ok_or("a record schema without a plan")?;
+        // Each key of the document to its field, or to `extra`.
+        let mut slots: Vec<Option<&'r Value>> = vec![None; r.fields.len()];
+        let mut extra: Vec<(Cow<'r, str>, Out<'r>)> = Vec::new();
+        obj.for_each(|k, v| match plan.index.get(k) {
+            Some(&i) => slots[i] = Some(v),
+            None => extra.push((Cow::Borrowed(k), Out::Str(Cow::Owned(v.to_string())))),
+        });
+        let mut fields: Vec<(&'static str, Out<'r>)> = Vec::with_capacity(r.fields.len());
+        for (i, f) in r.fields.iter().enumerate() {
+            let name: &'static str = f.name.as_str();
+            if Some(i) == plan.extra_at {
                 continue;
             }
-            if let Some((_, map)) = lent.iter().find(|(n, _)| *n == f.name) {
+            let lent_map = if lent.is_empty() {
+                None
+            } else {
+                lent.iter().find(|(n, _)| *n == name)
+            };
+            if let Some((_, map)) = lent_map {
                 let fitted = match map {
                     Some(m) => self.object(m, &f.schema),
                     None => Err(Misfit),
@@ -509,84 +731,89 @@ impl Converter<'_> {
                         // as JSON text in `extra`.
                         if let Some(m) = map {
                             let text = serde_json::to_string(m).unwrap_or_default();
-                            extra.insert(f.name.clone(), Avro::String(text));
+                            extra.push((Cow::Borrowed(name), Out::Str(Cow::Owned(text))));
                         }
                         self.empty(&f.schema).ok_or_else(|| {
                             format!(
-                                "{}.{}: the entity state does not fit and the field has no empty value",
+                                "{}.{name}: the entity state does not fit and the field has no empty value",
                                 r.name.fullname(None),
-                                f.name
                             )
                         })?
                     }
                 };
-                fields.push((f.name.clone(), value));
+                fields.push((name, value));
                 continue;
             }
-            let got = obj.get(&f.name);
+            let got = slots[i];
             let value = match self.value(got, &f.schema) {
                 Ok(v) => v,
                 Err(Misfit) => {
                     if let Some(v) = got {
-                        extra.insert(f.name.clone(), Avro::String(v.to_string()));
+                        extra.push((Cow::Borrowed(name), Out::Str(Cow::Owned(v.to_string()))));
                     }
                     self.empty(&f.schema).ok_or_else(|| {
                         format!(
-                            "{}.{}: {} does not fit and the field has no empty value",
+                            "{}.{name}: {} does not fit and the field has no empty value",
                             r.name.fullname(None),
-                            f.name,
                             got.map_or("nothing".to_string(), |v| v.to_string())
                         )
                     })?
                 }
             };
-            fields.push((f.name.clone(), value));
+            fields.push((name, value));
         }
-        if r.lookup.contains_key("extra") {
-            let at = r.lookup["extra"];
-            fields.insert(at.min(fields.len()), ("extra".into(), Avro::Map(extra)));
+        if let Some(at) = plan.extra_at {
+            fields.insert(at.min(fields.len()), ("extra", Out::Map(extra)));
         }
-        Ok(Avro::Record(fields))
+        Ok(Out::Record(fields))
     }
 
     /// A JSON object as a value of `schema`: a record, or the first record branch of a union.
-    fn object(&self, m: &Map<String, Value>, schema: &Schema) -> Result<Avro, Misfit> {
+    fn object<'r>(
+        &self,
+        m: &'r Map<String, Value>,
+        schema: &'static Schema,
+    ) -> Result<Out<'r>, Misfit> {
         match self.resolve(schema) {
             Schema::Union(u) => {
                 for (i, variant) in u.variants().iter().enumerate() {
                     if matches!(self.resolve(variant), Schema::Record(_)) {
-                        if let Ok(x) = self.record(m, &[], variant) {
-                            return Ok(Avro::Union(i as u32, Box::new(x)));
+                        if let Ok(x) = self.record(Doc::Map(m), &[], variant) {
+                            return Ok(Out::Union(i as u32, Box::new(x)));
                         }
                     }
                 }
                 Err(Misfit)
             }
-            Schema::Record(_) => self.record(m, &[], schema).map_err(|_| Misfit),
+            Schema::Record(_) => self.record(Doc::Map(m), &[], schema).map_err(|_| Misfit),
             _ => Err(Misfit),
         }
     }
 
     /// The value a field takes when its JSON is missing or misfit: null for a nullable field,
     /// an empty array or map; `None` for a required scalar.
-    fn empty(&self, schema: &Schema) -> Option<Avro> {
+    fn empty<'r>(&self, schema: &'static Schema) -> Option<Out<'r>> {
         match self.resolve(schema) {
             Schema::Union(u) => u
                 .variants()
                 .iter()
                 .position(|v| matches!(v, Schema::Null))
-                .map(|i| Avro::Union(i as u32, Box::new(Avro::Null))),
-            Schema::Array(_) => Some(Avro::Array(Vec::new())),
-            Schema::Map(_) => Some(Avro::Map(HashMap::new())),
+                .map(|i| Out::Branch(i as u32, Scalar::Null)),
+            Schema::Array(_) => Some(Out::Array(Vec::new())),
+            Schema::Map(_) => Some(Out::Map(Vec::new())),
             _ => None,
         }
     }
 
-    fn value(&self, got: Option<&Value>, schema: &Schema) -> Result<Avro, Misfit> {
+    fn value<'r>(
+        &self,
+        got: Option<&'r Value>,
+        schema: &'static Schema,
+    ) -> Result<Out<'r>, Misfit> {
         let schema = self.resolve(schema);
         let Some(v) = got.filter(|v| !v.is_null()) else {
             return match schema {
-                Schema::Null => Ok(Avro::Null),
+                Schema::Null => Ok(Out::Null),
                 _ => self.empty(schema).ok_or(Misfit),
             };
         };
@@ -597,23 +824,23 @@ impl Converter<'_> {
                         continue;
                     }
                     if let Ok(x) = self.value(Some(v), variant) {
-                        return Ok(Avro::Union(i as u32, Box::new(x)));
+                        return Ok(branch(i as u32, x));
                     }
                 }
                 Err(Misfit)
             }
-            Schema::Boolean => v.as_bool().map(Avro::Boolean).ok_or(Misfit),
+            Schema::Boolean => v.as_bool().map(Out::Bool).ok_or(Misfit),
             Schema::Int => v
                 .as_i64()
                 .and_then(|n| i32::try_from(n).ok())
-                .map(Avro::Int)
+                .map(Out::Int)
                 .ok_or(Misfit),
-            Schema::Long => v.as_i64().map(Avro::Long).ok_or(Misfit),
-            Schema::Double => v.as_f64().map(Avro::Double).ok_or(Misfit),
+            Schema::Long => v.as_i64().map(Out::Long).ok_or(Misfit),
+            Schema::Double => v.as_f64().map(Out::Double).ok_or(Misfit),
             Schema::String => match v {
-                Value::String(s) => Ok(Avro::String(s.clone())),
+                Value::String(s) => Ok(Out::Str(Cow::Borrowed(s))),
                 // Free-form objects (history patches) travel as JSON text.
-                Value::Object(_) | Value::Array(_) => Ok(Avro::String(v.to_string())),
+                Value::Object(_) | Value::Array(_) => Ok(Out::Str(Cow::Owned(v.to_string()))),
                 _ => Err(Misfit),
             },
             Schema::Bytes => {
@@ -621,13 +848,13 @@ impl Converter<'_> {
                 let s = v.as_str().ok_or(Misfit)?;
                 base64::engine::general_purpose::STANDARD
                     .decode(s)
-                    .map(Avro::Bytes)
+                    .map(Out::Bytes)
                     .map_err(|_| Misfit)
             }
             Schema::TimestampMillis => {
                 let s = v.as_str().ok_or(Misfit)?;
                 chrono::DateTime::parse_from_rfc3339(s)
-                    .map(|t| Avro::TimestampMillis(t.timestamp_millis()))
+                    .map(|t| Out::Long(t.timestamp_millis()))
                     .map_err(|_| Misfit)
             }
             Schema::Enum(e) => {
@@ -642,7 +869,7 @@ impl Converter<'_> {
                     _ => None,
                 };
                 index
-                    .map(|i| Avro::Enum(i as u32, e.symbols[i].clone()))
+                    .map(|i| Out::Enum(i as u32, e.symbols[i].as_str()))
                     .ok_or(Misfit)
             }
             Schema::Array(a) => {
@@ -651,18 +878,21 @@ impl Converter<'_> {
                     .iter()
                     .map(|x| self.value(Some(x), &a.items))
                     .collect::<Result<Vec<_>, _>>()
-                    .map(Avro::Array)
+                    .map(Out::Array)
             }
             Schema::Map(m) => {
                 let obj = v.as_object().ok_or(Misfit)?;
                 obj.iter()
-                    .map(|(k, x)| self.value(Some(x), &m.types).map(|x| (k.clone(), x)))
-                    .collect::<Result<HashMap<_, _>, _>>()
-                    .map(Avro::Map)
+                    .map(|(k, x)| {
+                        self.value(Some(x), &m.types)
+                            .map(|x| (Cow::Borrowed(k.as_str()), x))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Out::Map)
             }
             Schema::Record(_) => {
                 let m = v.as_object().ok_or(Misfit)?;
-                self.record(m, &[], schema).map_err(|_| Misfit)
+                self.record(Doc::Map(m), &[], schema).map_err(|_| Misfit)
             }
             _ => Err(Misfit),
         }
@@ -672,6 +902,28 @@ impl Converter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A schema for the life of the test process (converters keep `'static` schemas).
+    fn leaked(writer: Writer) -> &'static Schema {
+        Box::leak(Box::new(parse(writer).unwrap()))
+    }
+
+    /// A JSON document written with the converter and read back by apache-avro's reader.
+    fn round_trip(doc: &Value, writer: Writer, kind: Kind) -> Avro {
+        let schema = leaked(writer);
+        let c = Converter::new(schema);
+        let w = GenericDatumWriter::builder(schema).build().unwrap();
+        let mut bytes = Vec::new();
+        write(&w, &c.convert(doc, kind).unwrap(), &mut bytes).unwrap();
+        let mut slice = bytes.as_slice();
+        let back = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .build()
+            .unwrap()
+            .read_value(&mut slice)
+            .unwrap();
+        assert!(slice.is_empty(), "bytes left after the datum");
+        back
+    }
 
     #[test]
     fn every_shipped_schema_parses_and_names_its_record() {
@@ -694,18 +946,7 @@ mod tests {
                       "createdTime": "not a time", "tags": ["a", 1]},
             "changed": ["status"]
         });
-        let schema = parse(Writer::Record(Kind::NodeChange)).unwrap();
-        let v = to_avro(&doc, &schema, Kind::NodeChange).unwrap();
-        let bytes = GenericDatumWriter::builder(&schema)
-            .build()
-            .unwrap()
-            .write_value_to_vec(v)
-            .unwrap();
-        let back = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-            .build()
-            .unwrap()
-            .read_value(&mut bytes.as_slice())
-            .unwrap();
+        let back = round_trip(&doc, Writer::Record(Kind::NodeChange), Kind::NodeChange);
         let Avro::Record(fields) = back else { panic!() };
         let after = &fields.iter().find(|(n, _)| n == "after").unwrap().1;
         let Avro::Union(1, after) = after else {
@@ -782,26 +1023,82 @@ mod tests {
                 } else {
                     Writer::Record(kind)
                 };
-                let schema = parse(writer).unwrap();
-                let c = Converter::new(&schema);
-                assert_eq!(
-                    c.convert_record(record).unwrap(),
-                    c.convert(&record.to_json(), kind).unwrap(),
-                    "{writer:?}"
-                );
+                let schema = leaked(writer);
+                let c = Converter::new(schema);
+                let w = GenericDatumWriter::builder(schema).build().unwrap();
+                let mut direct = Vec::new();
+                c.write_record(&w, record, &mut direct).unwrap();
+                let doc = record.to_json();
+                let mut via_json = Vec::new();
+                write(&w, &c.convert(&doc, kind).unwrap(), &mut via_json).unwrap();
+                assert_eq!(direct, via_json, "{writer:?}");
+                // apache-avro's reader takes every byte back.
+                let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+                    .build()
+                    .unwrap();
+                let mut rest = direct.as_slice();
+                reader.read_value(&mut rest).unwrap();
+                assert!(rest.is_empty(), "{writer:?}");
             }
         }
     }
 
     #[test]
+    fn envelope_pairs_are_the_envelope_document() {
+        use crate::record::{Change, Envelope, Origin, TraceContext};
+        let envelope = |body| Record {
+            id: "status:a:3".into(),
+            source: "s".into(),
+            subject: "a".into(),
+            time: "2026-12-01T10:00:00Z".into(),
+            sequence: 3,
+            trace: TraceContext::from_source("abcdefabcdef"),
+            origin: Origin::History,
+            body,
+        };
+        for record in [
+            envelope(Body::Entity {
+                kind: EntityKind::Node,
+                change: Change::Trashed,
+                before: Some(Map::new().into()),
+                after: None,
+                changed: vec!["inTrash".into(), "title".into()],
+            }),
+            envelope(Body::StatusChanged {
+                from: 2,
+                to: 9,
+                after: Map::new().into(),
+                actor: Some(serde_json::json!({"username": "u", "email": "e"})),
+                batch_id: Some("b".into()),
+                undo_of: Some("c".into()),
+            }),
+            envelope(Body::StatusChanged {
+                from: 0,
+                to: 1,
+                after: Map::new().into(),
+                actor: None,
+                batch_id: None,
+                undo_of: None,
+            }),
+        ] {
+            let pairs = envelope_pairs(&record).unwrap();
+            let map: Map<String, Value> =
+                pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            assert_eq!(
+                Value::Object(map),
+                serde_json::to_value(Envelope(&record)).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn statuses_times_and_raw_bytes_take_their_avro_types() {
-        let schema = parse(Writer::Record(Kind::DeadLetter)).unwrap();
         let doc = serde_json::json!({
             "id": "dlq:x:1", "type": "synaptask.dead_letter", "source": "s", "subject": "x",
             "time": "2026-12-01T10:00:00.250Z", "sequence": 0, "traceId": "abcdefabcdef",
             "origin": "diff", "event": "graph:diff", "reason": "r", "raw": "/3s="
         });
-        let v = to_avro(&doc, &schema, Kind::DeadLetter).unwrap();
+        let v = round_trip(&doc, Writer::Record(Kind::DeadLetter), Kind::DeadLetter);
         let Avro::Record(fields) = v else { panic!() };
         let get = |n: &str| fields.iter().find(|(k, _)| k == n).unwrap().1.clone();
         assert_eq!(get("raw"), Avro::Bytes(vec![0xff, 0x7b]));
@@ -816,15 +1113,19 @@ mod tests {
                 ))
             )
         );
-        let schema = parse(Writer::Record(Kind::TaskStatusChanged)).unwrap();
         let doc = serde_json::json!({
             "id": "status:a:3", "type": "synaptask.task.status_changed", "source": "s",
             "subject": "a", "time": null, "sequence": 3, "traceId": "abcdefabcdef", "origin": "diff",
             "from": {"code": 1, "name": "InProgress"}, "to": {"code": 3, "name": "Completed"},
             "after": {"id": "a", "status": 3}, "changed": ["status"]
         });
-        let v = to_avro(&doc, &schema, Kind::TaskStatusChanged).unwrap();
-        let writer = GenericDatumWriter::builder(&schema).build().unwrap();
-        assert!(writer.write_value_to_vec(v).is_ok());
+        let v = round_trip(
+            &doc,
+            Writer::Record(Kind::TaskStatusChanged),
+            Kind::TaskStatusChanged,
+        );
+        let Avro::Record(fields) = v else { panic!() };
+        let to = &fields.iter().find(|(k, _)| k == "to").unwrap().1;
+        assert!(format!("{to:?}").contains("Completed"), "{to:?}");
     }
 }

@@ -85,6 +85,8 @@ impl Connector {
             .arg(self.dir.path().join("taskstream.toml"))
             .env("SYNAPTASK_API_TOKEN", &self.token)
             .env("RUST_LOG", "info")
+            // Human lines, which some tests read (`key=value`); a test may ask for JSON.
+            .env("TASKSTREAM_LOG_FORMAT", "text")
             .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -92,6 +94,11 @@ impl Connector {
             .spawn()
             .expect("spawn taskstream run");
         self.child = Some(child);
+    }
+
+    /// The process id of the running connector.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// The process directory.

@@ -129,6 +129,12 @@ impl Default for SynapTaskConfig {
 }
 
 impl SynapTaskConfig {
+    /// The sustained time per read of one event the read budget allows.
+    pub fn read_interval(&self) -> std::time::Duration {
+        let per = self.read_window_ms / u64::try_from(self.read_budget.max(1)).unwrap_or(1);
+        std::time::Duration::from_millis(per)
+    }
+
     /// Checks value ranges; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=5000).contains(&self.page_limit) {

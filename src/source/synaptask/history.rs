@@ -160,6 +160,12 @@ async fn catch_up_scope(
     let mut restarted = false;
     let mut trace;
     let mut pages = 0u32;
+    let mut progress = crate::progress::Progress::start(
+        "history",
+        None,
+        u64::from(r.cfg.history_page_limit),
+        r.cfg.read_interval(),
+    );
     loop {
         let limit = if pages == 0 {
             first_limit
@@ -194,6 +200,7 @@ async fn catch_up_scope(
             }
         }
         let batches = batches_of(&ack);
+        progress.page(batches.len() as u64);
         if st.order.is_none() {
             st.order = order_of(&batches);
         }

@@ -98,6 +98,9 @@ pub struct SynapTaskSource {
     history_off: bool,
     /// Where connection and read attempts are kept, and those of earlier runs.
     connect_log: Option<AttemptLog>,
+    /// Objects the last snapshot read, or the checkpoint holds: the next snapshot's expected
+    /// size for its progress.
+    expected_objects: Arc<std::sync::atomic::AtomicU64>,
     /// Requests from the pipeline (reconcile, catch up), taken by `run`.
     control: Option<mpsc::Receiver<Control>>,
     /// Kept so the channel stays open while the source runs, whoever holds a controller.
@@ -183,6 +186,7 @@ impl SynapTaskSource {
             snapshot_done: false,
             history_off: false,
             connect_log: None,
+            expected_objects: Arc::default(),
             control: Some(control),
             control_tx,
         })
@@ -209,6 +213,13 @@ impl SynapTaskSource {
             connects: connects.to_vec(),
             reads: reads.to_vec(),
         });
+        self
+    }
+
+    /// The size of the graph as the checkpoint knows it (the first snapshot's progress).
+    pub fn expecting(self, objects: u64) -> Self {
+        self.expected_objects
+            .store(objects, std::sync::atomic::Ordering::Relaxed);
         self
     }
 
@@ -373,7 +384,8 @@ impl SynapTaskSource {
                 out.clone(),
                 shutdown.clone(),
             )
-            .with_log(connect_log.clone());
+            .with_log(connect_log.clone())
+            .with_expected(Arc::clone(&self.expected_objects));
             let stop = self.serve(&mut session, &uid, &reader, &mut control).await;
             crate::health::set_source_up(false);
             let stop = stop?;
@@ -675,6 +687,7 @@ mod tests {
             snapshot_done: false,
             history_off: false,
             connect_log: None,
+            expected_objects: Arc::default(),
             control: None,
             control_tx: mpsc::channel(1).0,
         };

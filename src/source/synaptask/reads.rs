@@ -55,6 +55,8 @@ pub struct Reader {
     pub shutdown: CancellationToken,
     /// Where read attempts are kept for the next run's budget.
     log: Option<SharedStore>,
+    /// Objects the last snapshot (or the checkpoint) held: the next snapshot's expected size.
+    expected: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Reader {
@@ -74,6 +76,7 @@ impl Reader {
             out,
             shutdown,
             log: None,
+            expected: Arc::default(),
         }
     }
 
@@ -81,6 +84,22 @@ impl Reader {
     pub fn with_log(mut self, store: Option<SharedStore>) -> Self {
         self.log = store;
         self
+    }
+
+    /// Shares the expected snapshot size with the source (it outlives sessions).
+    pub fn with_expected(mut self, expected: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.expected = expected;
+        self
+    }
+
+    /// Objects the next snapshot is expected to read (0: unknown).
+    pub fn expected_objects(&self) -> u64 {
+        self.expected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the size a snapshot found.
+    pub fn set_expected_objects(&self, n: u64) {
+        self.expected.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records a read attempt; a store error is logged, never fatal (the budget in memory still

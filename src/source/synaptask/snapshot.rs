@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::reads::{ReadError, Reader};
 use crate::metrics::{inc, metrics};
+use crate::progress::Progress;
 use crate::record::TraceContext;
 use crate::source::{SourceError, SourceEvent};
 
@@ -47,6 +48,13 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         Some(root) => ("branch:get", Some(root.clone())),
         None => ("graph:get", None),
     };
+    let per_page = u64::from(r.cfg.page_limit.saturating_sub(r.cfg.page_overlap).max(1));
+    let mut progress = Progress::start(
+        "snapshot",
+        Some(r.expected_objects()),
+        per_page,
+        r.cfg.read_interval(),
+    );
     r.send(SourceEvent::SnapshotStart).await?;
     loop {
         let mut request = json!({"limit": limit, "offset": offset});
@@ -64,6 +72,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
             .map_or_else(TraceContext::new_root, TraceContext::from_source);
         let items = r.page_items(event, &ack).await?;
         let returned = items.len() as u64;
+        progress.page(returned);
         seen.extend(
             items
                 .iter()
@@ -100,6 +109,8 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
     } else {
         None
     };
+    progress.finish();
+    r.set_expected_objects(seen.len() as u64);
     inc(&metrics().snapshots_total);
     tracing::info!(
         pages,
