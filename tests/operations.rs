@@ -238,9 +238,8 @@ fn spans_reach_an_otlp_receiver_under_the_trace_ids_on_the_broker() {
     c.wait_settled(Duration::from_secs(30));
     let on_broker = rt.block_on(traceparents_on_jetstream(&nats.url()));
     // The batch exporter sends every few seconds.
-    let mut spans = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let by_id = loop {
+    let (spans, by_id) = loop {
         let got = receiver.spans();
         let ids: HashSet<String> = got.iter().map(|s| s.span_id.clone()).collect();
         let missing = on_broker
@@ -250,12 +249,12 @@ fn spans_reach_an_otlp_receiver_under_the_trace_ids_on_the_broker() {
                 !ids.contains(span)
             })
             .count();
-        spans = got;
         if missing == 0 || Instant::now() > deadline {
-            break spans
+            let by_id = got
                 .iter()
                 .map(|s| (s.span_id.clone(), s.clone()))
                 .collect::<HashMap<_, _>>();
+            break (got, by_id);
         }
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -332,6 +331,8 @@ fn the_metrics_scrape_parses_as_openmetrics_with_histograms_and_labels() {
             .unwrap_or(0.0)
             > 100.0
             && m.keys().any(|k| k.contains("kind=\"diff\""))
+            // Sinks are probed every 2 s.
+            && m.get("taskstream_sink_up{sink=\"nats\"}").copied() == Some(1.0)
     });
     let (code, text) = get(c.metrics_port, "/metrics");
     assert_eq!(code, 200);
