@@ -10,13 +10,16 @@ links=${2:-60000}
 cargo build --release --quiet --bin taskstream
 bin=target/release/taskstream
 dir=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 sim_port=$(free_port); jobs_port=$(free_port); metrics_port=$(free_port)
 token=st_memory_bench_0123456789
 uid=3c2b1a09-8f7e-4d6c-9b5a-4f3e2d1c0b9a
 "$bin" sim --port "$sim_port" --jobs-port "$jobs_port" --tokens "$token:$uid" --nodes "$nodes" \
   --links "$links" --rate 0 --read-window-ms 1000 > "$dir/sim.log" 2>&1 &
+pids+=($!)
 for _ in $(seq 1 600); do grep -q '"ready"' "$dir/sim.log" && break; sleep 0.2; done
 cat > "$dir/taskstream.toml" <<TOML
 [source]
@@ -33,6 +36,7 @@ listen = "127.0.0.1:$metrics_port"
 TOML
 SYNAPTASK_API_TOKEN=$token TASKSTREAM_LOG_FORMAT=text "$bin" run --config "$dir/taskstream.toml" > "$dir/run.log" 2>&1 &
 pid=$!
+pids+=("$pid")
 rss() { awk -v k="$1:" '$1==k {print int($2/1024)}' "/proc/$pid/status"; }
 sleep 1
 at_start=$(rss VmRSS)
