@@ -10,6 +10,12 @@
 //! The Kafka sink runs with JSON and with Avro (schemas in a registry served in process),
 //! alternating `BENCH_ROUNDS` times (default 3), and the ratio of the medians is printed.
 //!
+//! CPU seconds per million records count the whole process: the connector and the simulator
+//! feeding it, which runs in the same process.
+//!
+//! CPU seconds per million records count the whole process: the connector and the simulator
+//! feeding it, which runs in the same process.
+//!
 //! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do).
 
 #[path = "../tests/support/mod.rs"]
@@ -38,6 +44,26 @@ struct Run {
     records: u64,
     secs: f64,
     dropped: u64,
+    /// CPU seconds the whole process used during the run (connector and the in-process
+    /// simulator together).
+    cpu: f64,
+}
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; what follows the name starts at field 3.
+    // The kernel reports them in USER_HZ, 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn counter(c: &prometheus_client::metrics::counter::Counter) -> u64 {
@@ -122,6 +148,7 @@ async fn connector_run(
         counter(&metrics().diffs_dropped_total),
     );
     let start = Instant::now();
+    let cpu0 = cpu_secs();
     http_post(handle.port, "/load/start").await;
     while counter(&metrics().diffs_received_total) - diffs0 < events {
         if app_task.is_finished() {
@@ -137,6 +164,7 @@ async fn connector_run(
         records: counter(&metrics().records_total) - records0,
         secs,
         dropped: counter(&metrics().diffs_dropped_total) - dropped0,
+        cpu: cpu_secs() - cpu0,
     };
     eprintln!(
         "{sink}: {} diffs -> {} records in {:.2} s ({} dropped)",
@@ -296,8 +324,9 @@ fn main() {
         ] {
             let rps = run.records as f64 / run.secs;
             print!(
-                "{:<15} {:>8} diffs -> {:>8} records in {:>6.2} s = {:>8.0} records/s ({:.0} diffs/s, {} dropped)",
-                run.sink, run.diffs, run.records, run.secs, rps, run.diffs as f64 / run.secs, run.dropped
+                "{:<15} {:>8} diffs -> {:>8} records in {:>6.2} s = {:>8.0} records/s ({:.0} diffs/s, {} dropped, {:.1} CPU s per million records)",
+                run.sink, run.diffs, run.records, run.secs, rps, run.diffs as f64 / run.secs, run.dropped,
+                run.cpu / run.records.max(1) as f64 * 1e6
             );
             match ceiling {
                 Some(c) => println!("; raw client ceiling {c:.0} msgs/s, ratio {:.2}", rps / c),
