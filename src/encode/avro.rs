@@ -321,22 +321,10 @@ fn collect_named(schema: &'static Schema, out: &mut HashMap<&'static Name, &'sta
 /// lookup table per record, which made Avro cost several times JSON).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out<'r> {
-    /// `null`.
-    Null,
-    /// `boolean`.
-    Bool(bool),
-    /// `int`.
-    Int(i32),
-    /// `long` and `timestamp-millis`.
-    Long(i64),
-    /// `double`.
-    Double(f64),
-    /// `string`.
-    Str(Cow<'r, str>),
+    /// A scalar (`null`, `boolean`, `int`, `long`, `double`, `string`, an enum symbol).
+    Scalar(Scalar<'r>),
     /// `bytes`.
     Bytes(Vec<u8>),
-    /// An enum symbol by position.
-    Enum(u32, &'static str),
     /// A union branch by position.
     Union(u32, Box<Out<'r>>),
     /// A union's scalar branch by position, unboxed (most nullable fields: no allocation).
@@ -349,7 +337,7 @@ pub enum Out<'r> {
     Record(Vec<(&'static str, Out<'r>)>),
 }
 
-/// A scalar in a union branch.
+/// A scalar value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scalar<'r> {
     /// `null`.
@@ -385,13 +373,7 @@ impl serde::Serialize for Scalar<'_> {
 /// A union branch: scalars unboxed.
 fn branch(i: u32, v: Out<'_>) -> Out<'_> {
     match v {
-        Out::Null => Out::Branch(i, Scalar::Null),
-        Out::Bool(b) => Out::Branch(i, Scalar::Bool(b)),
-        Out::Int(n) => Out::Branch(i, Scalar::Int(n)),
-        Out::Long(n) => Out::Branch(i, Scalar::Long(n)),
-        Out::Double(x) => Out::Branch(i, Scalar::Double(x)),
-        Out::Str(v) => Out::Branch(i, Scalar::Str(v)),
-        Out::Enum(e, symbol) => Out::Branch(i, Scalar::Enum(e, symbol)),
+        Out::Scalar(x) => Out::Branch(i, x),
         other => Out::Union(i, Box::new(other)),
     }
 }
@@ -400,14 +382,8 @@ impl serde::Serialize for Out<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeMap, SerializeSeq, SerializeStruct};
         match self {
-            Out::Null => s.serialize_unit(),
-            Out::Bool(b) => s.serialize_bool(*b),
-            Out::Int(n) => s.serialize_i32(*n),
-            Out::Long(n) => s.serialize_i64(*n),
-            Out::Double(x) => s.serialize_f64(*x),
-            Out::Str(v) => s.serialize_str(v),
+            Out::Scalar(x) => x.serialize(s),
             Out::Bytes(b) => s.serialize_bytes(b),
-            Out::Enum(i, symbol) => s.serialize_unit_variant("", *i, symbol),
             // The branch is chosen here, not guessed by the serializer from the value's type.
             Out::Union(i, v) => s.serialize_newtype_variant("", *i, "", v.as_ref()),
             Out::Branch(i, v) => s.serialize_newtype_variant("", *i, "", v),
@@ -706,7 +682,10 @@ impl Converter {
         let mut extra: Vec<(Cow<'r, str>, Out<'r>)> = Vec::new();
         obj.for_each(|k, v| match plan.index.get(k) {
             Some(&i) => slots[i] = Some(v),
-            None => extra.push((Cow::Borrowed(k), Out::Str(Cow::Owned(v.to_string())))),
+            None => extra.push((
+                Cow::Borrowed(k),
+                Out::Scalar(Scalar::Str(Cow::Owned(v.to_string()))),
+            )),
         });
         let mut fields: Vec<(&'static str, Out<'r>)> = Vec::with_capacity(r.fields.len());
         for (i, f) in r.fields.iter().enumerate() {
@@ -731,7 +710,10 @@ impl Converter {
                         // as JSON text in `extra`.
                         if let Some(m) = map {
                             let text = serde_json::to_string(m).unwrap_or_default();
-                            extra.push((Cow::Borrowed(name), Out::Str(Cow::Owned(text))));
+                            extra.push((
+                                Cow::Borrowed(name),
+                                Out::Scalar(Scalar::Str(Cow::Owned(text))),
+                            ));
                         }
                         self.empty(&f.schema).ok_or_else(|| {
                             format!(
@@ -749,7 +731,10 @@ impl Converter {
                 Ok(v) => v,
                 Err(Misfit) => {
                     if let Some(v) = got {
-                        extra.push((Cow::Borrowed(name), Out::Str(Cow::Owned(v.to_string()))));
+                        extra.push((
+                            Cow::Borrowed(name),
+                            Out::Scalar(Scalar::Str(Cow::Owned(v.to_string()))),
+                        ));
                     }
                     self.empty(&f.schema).ok_or_else(|| {
                         format!(
@@ -813,7 +798,7 @@ impl Converter {
         let schema = self.resolve(schema);
         let Some(v) = got.filter(|v| !v.is_null()) else {
             return match schema {
-                Schema::Null => Ok(Out::Null),
+                Schema::Null => Ok(Out::Scalar(Scalar::Null)),
                 _ => self.empty(schema).ok_or(Misfit),
             };
         };
@@ -829,18 +814,29 @@ impl Converter {
                 }
                 Err(Misfit)
             }
-            Schema::Boolean => v.as_bool().map(Out::Bool).ok_or(Misfit),
+            Schema::Boolean => v
+                .as_bool()
+                .map(|b| Out::Scalar(Scalar::Bool(b)))
+                .ok_or(Misfit),
             Schema::Int => v
                 .as_i64()
                 .and_then(|n| i32::try_from(n).ok())
-                .map(Out::Int)
+                .map(|n| Out::Scalar(Scalar::Int(n)))
                 .ok_or(Misfit),
-            Schema::Long => v.as_i64().map(Out::Long).ok_or(Misfit),
-            Schema::Double => v.as_f64().map(Out::Double).ok_or(Misfit),
+            Schema::Long => v
+                .as_i64()
+                .map(|n| Out::Scalar(Scalar::Long(n)))
+                .ok_or(Misfit),
+            Schema::Double => v
+                .as_f64()
+                .map(|x| Out::Scalar(Scalar::Double(x)))
+                .ok_or(Misfit),
             Schema::String => match v {
-                Value::String(s) => Ok(Out::Str(Cow::Borrowed(s))),
+                Value::String(s) => Ok(Out::Scalar(Scalar::Str(Cow::Borrowed(s)))),
                 // Free-form objects (history patches) travel as JSON text.
-                Value::Object(_) | Value::Array(_) => Ok(Out::Str(Cow::Owned(v.to_string()))),
+                Value::Object(_) | Value::Array(_) => {
+                    Ok(Out::Scalar(Scalar::Str(Cow::Owned(v.to_string()))))
+                }
                 _ => Err(Misfit),
             },
             Schema::Bytes => {
@@ -854,7 +850,7 @@ impl Converter {
             Schema::TimestampMillis => {
                 let s = v.as_str().ok_or(Misfit)?;
                 chrono::DateTime::parse_from_rfc3339(s)
-                    .map(|t| Out::Long(t.timestamp_millis()))
+                    .map(|t| Out::Scalar(Scalar::Long(t.timestamp_millis())))
                     .map_err(|_| Misfit)
             }
             Schema::Enum(e) => {
@@ -869,7 +865,7 @@ impl Converter {
                     _ => None,
                 };
                 index
-                    .map(|i| Out::Enum(i as u32, e.symbols[i].as_str()))
+                    .map(|i| Out::Scalar(Scalar::Enum(i as u32, e.symbols[i].as_str())))
                     .ok_or(Misfit)
             }
             Schema::Array(a) => {
