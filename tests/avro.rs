@@ -29,54 +29,26 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Every message of the SYNAPTASK stream as `{subject, headers, payload_hex}` lines.
 async fn dump_jetstream(url: &str, to: &Path) -> usize {
-    use futures_util::StreamExt;
-    let client = async_nats::connect(url).await.expect("nats connect");
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream("SYNAPTASK").await.expect("stream");
-    let total = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    let messages = support::jetstream_messages(url).await;
     let mut lines = String::new();
-    let mut n = 0u64;
-    while n < total {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(5000)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .expect("fetch");
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            got += 1;
-            let mut headers = serde_json::Map::new();
-            if let Some(h) = &m.headers {
-                for (k, v) in h.iter() {
-                    if let Some(v) = v.first() {
-                        headers.insert(k.to_string(), Value::String(v.as_str().to_string()));
-                    }
+    for m in &messages {
+        let mut headers = serde_json::Map::new();
+        if let Some(h) = &m.headers {
+            for (k, v) in h.iter() {
+                if let Some(v) = v.first() {
+                    headers.insert(k.to_string(), Value::String(v.as_str().to_string()));
                 }
             }
-            let hex: String = m.payload.iter().map(|b| format!("{b:02x}")).collect();
-            lines.push_str(
-                &serde_json::json!({"subject": m.subject.as_str(), "headers": headers, "payload_hex": hex})
-                    .to_string(),
-            );
-            lines.push('\n');
         }
-        n += got;
-        if got == 0 {
-            break;
-        }
+        let hex: String = m.payload.iter().map(|b| format!("{b:02x}")).collect();
+        lines.push_str(
+            &serde_json::json!({"subject": m.subject.as_str(), "headers": headers, "payload_hex": hex})
+                .to_string(),
+        );
+        lines.push('\n');
     }
     std::fs::write(to, lines).expect("write dump");
-    n as usize
+    messages.len()
 }
 
 fn avro_config(sim: &SimProcess, bootstrap: &str, nats: &str, registry: &str) -> String {

@@ -134,42 +134,15 @@ fn hex(bytes: &[u8]) -> String {
 
 /// `(record id, traceparent)` of every message on the SYNAPTASK stream.
 async fn traceparents_on_jetstream(url: &str) -> Vec<(String, String)> {
-    use futures_util::StreamExt;
-    let client = async_nats::connect(url).await.expect("nats connect");
-    let js = async_nats::jetstream::new(client);
-    let Ok(mut stream) = js.get_stream("SYNAPTASK").await else {
-        return Vec::new();
-    };
-    let total = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config {
-            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
+    support::jetstream_messages(url)
         .await
-        .expect("consumer");
-    let mut out = Vec::new();
-    while (out.len() as u64) < total {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(5000)
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .expect("fetch");
-        let mut got = 0;
-        while let Some(Ok(m)) = batch.next().await {
-            got += 1;
+        .iter()
+        .map(|m| {
             let h = m.headers.as_ref().expect("headers");
             let get = |k: &str| h.get(k).map(|v| v.to_string()).unwrap_or_default();
-            out.push((get("Nats-Msg-Id"), get("traceparent")));
-        }
-        if got == 0 {
-            break;
-        }
-    }
-    out
+            (get("Nats-Msg-Id"), get("traceparent"))
+        })
+        .collect()
 }
 
 fn get(port: u16, path: &str) -> (u16, String) {

@@ -16,7 +16,7 @@ mod sim;
 mod tansu;
 
 pub use connector::{file_config, read_file_sink, wait_until_matches, Connector, Latest, Seen};
-pub use nats::{read_jetstream, Nats};
+pub use nats::{jetstream_messages, read_jetstream, Nats};
 pub use registry::Registry;
 pub use sim::{http_json, SimProcess};
 pub use tansu::Tansu;

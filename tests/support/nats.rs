@@ -115,16 +115,15 @@ async fn greets_with_jetstream(port: u16) -> bool {
     )
 }
 
-/// Every message of the SYNAPTASK stream, in stream order, each checked to carry its record id
-/// as `Nats-Msg-Id`.
-pub async fn read_jetstream(url: &str) -> Vec<super::Seen> {
+/// Every message of the SYNAPTASK stream, in stream order (none when the stream is missing).
+pub async fn jetstream_messages(url: &str) -> Vec<async_nats::jetstream::Message> {
+    use futures_util::StreamExt;
     let client = async_nats::connect(url).await.expect("nats connect");
     let js = async_nats::jetstream::new(client);
     let Ok(mut stream) = js.get_stream("SYNAPTASK").await else {
         return Vec::new();
     };
     let total = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
-    let mut out = Vec::new();
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
@@ -133,7 +132,7 @@ pub async fn read_jetstream(url: &str) -> Vec<super::Seen> {
         })
         .await
         .expect("consumer");
-    use futures_util::StreamExt;
+    let mut out = Vec::new();
     while (out.len() as u64) < total {
         let mut batch = consumer
             .fetch()
@@ -145,6 +144,22 @@ pub async fn read_jetstream(url: &str) -> Vec<super::Seen> {
         let mut got = 0;
         while let Some(Ok(m)) = batch.next().await {
             got += 1;
+            out.push(m);
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// Every record of the SYNAPTASK stream, in stream order, each checked to carry its record id
+/// as `Nats-Msg-Id`.
+pub async fn read_jetstream(url: &str) -> Vec<super::Seen> {
+    jetstream_messages(url)
+        .await
+        .into_iter()
+        .map(|m| {
             let record: serde_json::Value =
                 serde_json::from_slice(&m.payload).expect("JSON payload");
             let id = m
@@ -157,15 +172,11 @@ pub async fn read_jetstream(url: &str) -> Vec<super::Seen> {
                 record["id"].as_str(),
                 "Nats-Msg-Id is the record id"
             );
-            out.push(super::Seen {
+            super::Seen {
                 key: record["subject"].as_str().unwrap_or_default().to_string(),
                 record: Some(record),
                 channel: m.subject.to_string(),
-            });
-        }
-        if got == 0 {
-            break;
-        }
-    }
-    out
+            }
+        })
+        .collect()
 }
