@@ -3,7 +3,8 @@
 //! as Avro, and with both, reported as records/s and as the Avro/JSON ratio. No broker and no
 //! network: this isolates what `format = "avro"` adds to the pipeline task.
 //!
-//! Run: `cargo bench --bench encode` (`BENCH_RECORDS`, default 200000).
+//! Run: `cargo bench --bench encode` (`BENCH_RECORDS`, default 200000; `BENCH_ONLY=avro` or
+//! `json` runs one encoding alone, for a profiler).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -111,6 +112,18 @@ fn main() {
         );
         rate
     };
+    // `BENCH_ONLY=avro` (or `json`) runs that encoding alone, for a profiler.
+    match std::env::var("BENCH_ONLY").as_deref() {
+        Ok("avro") => {
+            run("avro", None, Some(&avro));
+            return;
+        }
+        Ok("json") => {
+            run("json", Some(&json), None);
+            return;
+        }
+        _ => {}
+    }
     // Warm-up, then the measured runs.
     run("warm-up", Some(&json), Some(&avro));
     let j = run("json", Some(&json), None);
