@@ -886,7 +886,7 @@ mod tests {
             s in ".{0,200}",
             raw in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
         ) {
-            let avro = |v: Avro, schema: Schema| apache_avro::to_avro_datum(&schema, v).unwrap();
+            let avro = |v: Avro, schema: Schema| apache_avro::writer::datum::GenericDatumWriter::builder(&schema).build().unwrap().write_value_to_vec(v).unwrap();
             let ours = |f: &dyn Fn(&mut Vec<u8>)| {
                 let mut out = Vec::new();
                 f(&mut out);
@@ -956,7 +956,11 @@ mod tests {
             assert!(rest.is_empty(), "{kind:?}: bytes left after the datum");
             assert_eq!(
                 ours,
-                apache_avro::to_avro_datum(schema, back).unwrap(),
+                apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+                    .build()
+                    .unwrap()
+                    .write_value_to_vec(back)
+                    .unwrap(),
                 "{kind:?}"
             );
         }
