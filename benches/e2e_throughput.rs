@@ -13,9 +13,6 @@
 //! CPU seconds per million records count the whole process: the connector and the simulator
 //! feeding it, which runs in the same process.
 //!
-//! CPU seconds per million records count the whole process: the connector and the simulator
-//! feeding it, which runs in the same process.
-//!
 //! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do).
 
 #[path = "../tests/support/mod.rs"]

@@ -85,6 +85,8 @@ impl AppError {
 pub struct RunOptions {
     /// Stop after this many records (the demo's `--records`).
     pub max_records: Option<u64>,
+    /// Told of each message once every sink acknowledged it (the latency benchmark).
+    pub on_acked: Option<crate::delivery::AckObserver>,
 }
 
 /// What a run did.
@@ -914,6 +916,7 @@ pub async fn run(
         DeliveryConfig {
             max_in_flight: cfg.delivery.max_in_flight,
             max_batch: cfg.delivery.max_batch,
+            on_acked: opts.on_acked.clone(),
         },
     )?;
     let checkpoint = delivery.checkpoint();

@@ -68,6 +68,8 @@ pub struct DeliveryConfig {
     pub max_in_flight: usize,
     /// Max checkpoint ops per store transaction. Values below 1 are taken as 1.
     pub max_batch: usize,
+    /// Told of each message once every sink has acknowledged it.
+    pub on_acked: Option<AckObserver>,
 }
 
 impl Default for DeliveryConfig {
@@ -75,9 +77,31 @@ impl Default for DeliveryConfig {
         Self {
             max_in_flight: 1024,
             max_batch: 1024,
+            on_acked: None,
         }
     }
 }
+
+/// A callback told of each message at the moment every sink has acknowledged it, for an
+/// embedding program that measures latency end to end or reacts to deliveries (the latency
+/// benchmark uses it). It runs on the delivery task: it must be quick and must not block.
+#[derive(Clone)]
+pub struct AckObserver(pub Arc<dyn Fn(&Message) + Send + Sync>);
+
+impl std::fmt::Debug for AckObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckObserver")
+    }
+}
+
+/// Two observers are equal when they are the same callback.
+impl PartialEq for AckObserver {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for AckObserver {}
 
 /// Why delivery stopped. Both variants are fatal for the run: the checkpoint no longer moves
 /// past the failure, so the connector should stop and restart from the checkpoint.
@@ -141,6 +165,8 @@ struct Group {
     spans: Vec<Option<RecordSpan>>,
     /// When it was submitted: the checkpoint lag is the age of the oldest group.
     submitted: Instant,
+    /// The messages, kept only for an [`AckObserver`] (empty otherwise).
+    observed: Vec<Arc<Message>>,
 }
 
 impl Group {
@@ -205,6 +231,7 @@ pub struct Delivery {
     store: Arc<Mutex<Box<dyn CheckpointStore>>>,
     max_in_flight: usize,
     max_batch: usize,
+    on_acked: Option<AckObserver>,
     checkpoint: Checkpoint,
     /// Submitted groups not yet committed, in submission order; `groups[0]` has `first_seq`.
     groups: VecDeque<Group>,
@@ -251,6 +278,7 @@ impl Delivery {
             store: Arc::new(Mutex::new(store)),
             max_in_flight: cfg.max_in_flight.max(1),
             max_batch: cfg.max_batch.max(1),
+            on_acked: cfg.on_acked,
             checkpoint,
             groups: VecDeque::new(),
             first_seq: 0,
@@ -296,6 +324,11 @@ impl Delivery {
             spans.resize_with(msgs.len(), || None);
         }
         self.lagging += msgs.len();
+        let observed = if self.on_acked.is_some() {
+            msgs.clone()
+        } else {
+            Vec::new()
+        };
         self.groups.push_back(Group {
             waiting: vec![self.sinks.len(); msgs.len()],
             unacked: msgs.len(),
@@ -304,6 +337,7 @@ impl Delivery {
             ops,
             spans,
             submitted: Instant::now(),
+            observed,
         });
         self.update_lag();
         for (index, msg) in msgs.into_iter().enumerate() {
@@ -497,6 +531,9 @@ impl Delivery {
             group.unacked -= 1;
             if let Some(span) = group.spans.get_mut(index).and_then(Option::take) {
                 span.acked();
+            }
+            if let (Some(observer), Some(msg)) = (&self.on_acked, group.observed.get(index)) {
+                (observer.0)(msg);
             }
             *in_flight -= 1;
             metrics().in_flight.dec();
@@ -855,6 +892,7 @@ mod tests {
         DeliveryConfig {
             max_in_flight,
             max_batch,
+            on_acked: None,
         }
     }
 

@@ -102,6 +102,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<RunSu
         cfg,
         RunOptions {
             max_records: opts.records,
+            ..RunOptions::default()
         },
         shutdown.clone(),
     )

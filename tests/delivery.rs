@@ -75,6 +75,7 @@ async fn kill9_child() -> anyhow::Result<()> {
         max_in_flight: 16,
         // One batch per transaction, so "whole batches only" is checkable.
         max_batch: batch(0).len(),
+        on_acked: None,
     };
     let mut d = Delivery::new(vec![Arc::new(AckAll)], Box::new(store), cfg)?;
     for i in 1.. {

@@ -140,7 +140,13 @@ pub struct Sim {
     pub faults: Faults,
     /// Until when new connections are refused (`POST /admin/blackout`).
     blackout_until: Mutex<Option<Instant>>,
+    /// Told of each live `graph:diff` just before it is sent (the latency benchmark stamps
+    /// send times with it).
+    pub on_emit: Mutex<Option<EmitObserver>>,
 }
+
+/// A callback told of each live `graph:diff` payload just before it is sent.
+pub type EmitObserver = Arc<dyn Fn(&Value) + Send + Sync>;
 
 /// Locks a mutex, recovering the data if a panicking holder poisoned it: every critical section
 /// here leaves the state consistent before anything that could panic.
@@ -229,6 +235,7 @@ impl Sim {
             io: Mutex::new(None),
             faults,
             blackout_until: Mutex::new(None),
+            on_emit: Mutex::new(None),
         })
     }
 
@@ -575,6 +582,9 @@ impl Sim {
             return;
         };
         let uid = lock(&self.world).users[owner].uid.clone();
+        if let Some(observer) = lock(&self.on_emit).clone() {
+            observer(diff);
+        }
         for s in io.to(format!("user:{uid}")).sockets() {
             match s.emit("graph:diff", diff) {
                 Ok(()) => Counters::bump(&self.counters.diffs_emitted),

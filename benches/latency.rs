@@ -1,0 +1,261 @@
+//! Latency end to end: from the simulator sending a `graph:diff` to the broker acknowledging
+//! each record made from it, at a steady `BENCH_RATES` diffs/s (default `1000,10000`) on Kafka
+//! (tansu) and NATS JetStream (nats-server), reported as p50, p99 and p99.9.
+//!
+//! Both ends are stamped in this process: the simulator's emit observer stamps each live diff
+//! as it is sent, and the connector's ack observer ([`taskstream::delivery::AckObserver`])
+//! stamps each record when every sink has acknowledged it. A record is matched to its diff by
+//! entity id and version (record ids are `{kind}:{entity}:{version}`). The connector starts,
+//! takes its snapshot and warms up for `BENCH_WARMUP_SECS` (default 2) before the measured
+//! `BENCH_SECS` (default 10) begin.
+//!
+//! The simulator, the connector and the broker clients share this process and the machine's
+//! cores with the brokers, as they would in a small deployment; the figures include that.
+//!
+//! Run: `cargo bench --bench latency` (needs tansu and nats-server, as the tests do).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use taskstream::app::{self, RunOptions};
+use taskstream::config::Config;
+use taskstream::delivery::AckObserver;
+use taskstream::metrics::metrics;
+use taskstream_sim::{self as sim, SimConfig};
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const TOKEN: &str = "st_bench_latency_token";
+const UID: &str = "2a3b4c5d-6e7f-4a8b-9c0d-1e2f3a4b5c6d";
+
+/// Send times by `{entity}:{version}`, and the latency of each acknowledged record.
+#[derive(Default)]
+struct Stamps {
+    measuring: bool,
+    /// Diffs sent while measuring.
+    diffs: usize,
+    sent: HashMap<String, Instant>,
+    /// (when it was sent, latency) of each record, for `BENCH_DEBUG`.
+    timeline: Vec<(Instant, Duration)>,
+    latencies: Vec<Duration>,
+    unmatched: u64,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `{entity}:{version}` of every node and link a diff carries.
+fn diff_keys(diff: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    for list in ["nodes", "links"] {
+        for e in diff[list].as_array().into_iter().flatten() {
+            if let (Some(id), Some(v)) = (e["id"].as_str(), e["version"].as_u64()) {
+                keys.push(format!("{id}:{v}"));
+            }
+        }
+    }
+    keys
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+struct Outcome {
+    sink: &'static str,
+    rate: f64,
+    sent: usize,
+    sorted: Vec<Duration>,
+    unmatched: u64,
+    secs: f64,
+}
+
+async fn measure(
+    sink: &'static str,
+    rate: f64,
+    dir: &std::path::Path,
+    configure: impl FnOnce(&mut Config),
+) -> Outcome {
+    let stop = CancellationToken::new();
+    let handle = sim::start(
+        SimConfig {
+            tokens: format!("{TOKEN}:{UID}"),
+            rate,
+            nodes: 2000,
+            links: 2400,
+            ..SimConfig::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("simulator");
+    let token_file = dir.join(format!("{sink}-{rate}.token"));
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let mut cfg = Config::default();
+    cfg.source.url = handle.url();
+    cfg.source.token_env = String::new();
+    cfg.source.token_file = Some(token_file);
+    configure(&mut cfg);
+
+    let stamps = Arc::new(Mutex::new(Stamps::default()));
+    let on_emit = {
+        let stamps = Arc::clone(&stamps);
+        Arc::new(move |diff: &Value| {
+            let now = Instant::now();
+            let mut s = stamps.lock().unwrap_or_else(|e| e.into_inner());
+            if s.measuring {
+                s.diffs += 1;
+                for key in diff_keys(diff) {
+                    s.sent.insert(key, now);
+                }
+            }
+        })
+    };
+    *handle.sim.on_emit.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_emit);
+    let on_acked = {
+        let stamps = Arc::clone(&stamps);
+        AckObserver(Arc::new(move |msg| {
+            let now = Instant::now();
+            // `{kind}:{entity}:{version}`: the diff's key is what follows the kind.
+            let Some((_, key)) = msg.id.split_once(':') else {
+                return;
+            };
+            let mut s = stamps.lock().unwrap_or_else(|e| e.into_inner());
+            match s.sent.get(key).copied() {
+                Some(at) => {
+                    s.latencies.push(now - at);
+                    s.timeline.push((at, now - at));
+                }
+                None if s.measuring => s.unmatched += 1,
+                None => {}
+            }
+        }))
+    };
+
+    let app_stop = stop.child_token();
+    let opts = RunOptions {
+        on_acked: Some(on_acked),
+        ..RunOptions::default()
+    };
+    let mut app_task = tokio::spawn(app::run(cfg, opts, app_stop.clone()));
+    let snapshots = metrics().snapshots_total.get();
+    while metrics().snapshots_total.get() == snapshots {
+        if app_task.is_finished() {
+            panic!("{sink}: connector stopped: {:?}", (&mut app_task).await);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(env_or("BENCH_WARMUP_SECS", 2))).await;
+    let secs = env_or("BENCH_SECS", 10.0f64);
+    stamps.lock().unwrap_or_else(|e| e.into_inner()).measuring = true;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let sent = {
+        let mut s = stamps.lock().unwrap_or_else(|e| e.into_inner());
+        s.measuring = false;
+        s.diffs
+    };
+    let measured = started.elapsed().as_secs_f64();
+    // Let the records of the last diffs be acknowledged before the run stops.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app_stop.cancel();
+    let _ = app_task.await;
+    stop.cancel();
+    handle.join().await;
+    let mut s = stamps.lock().unwrap_or_else(|e| e.into_inner());
+    let mut sorted = std::mem::take(&mut s.latencies);
+    sorted.sort_unstable();
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let mut worst = s.timeline.clone();
+        worst.sort_by_key(|(_, l)| std::cmp::Reverse(*l));
+        for (at, l) in worst.iter().take(40) {
+            eprintln!(
+                "{sink} {rate}: sent at +{:.3} s, {:.2} ms",
+                at.duration_since(started).as_secs_f64(),
+                l.as_secs_f64() * 1000.0
+            );
+        }
+    }
+    Outcome {
+        sink,
+        rate,
+        sent,
+        sorted,
+        unmatched: s.unmatched,
+        secs: measured,
+    }
+}
+
+fn main() {
+    let rates: Vec<f64> = std::env::var("BENCH_RATES")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    rt.block_on(async {
+        let tansu = support::Tansu::start().await;
+        let nats = support::Nats::start().await;
+        let mut outcomes = Vec::new();
+        for &rate in &rates {
+            let bootstrap = tansu.bootstrap();
+            outcomes.push(
+                measure("kafka", rate, dir.path(), |c| {
+                    c.sinks.stdout.enabled = false;
+                    c.sinks.kafka.enabled = true;
+                    c.sinks.kafka.brokers = bootstrap;
+                })
+                .await,
+            );
+            let url = nats.url();
+            outcomes.push(
+                measure("nats-jetstream", rate, dir.path(), |c| {
+                    c.sinks.stdout.enabled = false;
+                    c.sinks.nats.enabled = true;
+                    c.sinks.nats.url = url;
+                })
+                .await,
+            );
+        }
+        println!(
+            "{:<15} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "sink", "target", "diffs/s", "records", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "matched"
+        );
+        for o in &outcomes {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            println!(
+                "{:<15} {:>8.0} {:>8.0} {:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.1}%",
+                o.sink,
+                o.rate,
+                o.sent as f64 / o.secs,
+                o.sorted.len(),
+                ms(percentile(&o.sorted, 50.0)),
+                ms(percentile(&o.sorted, 99.0)),
+                ms(percentile(&o.sorted, 99.9)),
+                ms(o.sorted.last().copied().unwrap_or_default()),
+                100.0 * o.sorted.len() as f64
+                    / (o.sorted.len() as u64 + o.unmatched).max(1) as f64,
+            );
+        }
+        println!("target: the simulator's rate; diffs/s: diffs sent per second while measuring; records: acknowledged records matched to their diff (by entity and version); matched: their share of the records acknowledged while measuring");
+    });
+}
