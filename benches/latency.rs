@@ -7,7 +7,9 @@
 //! stamps each record when every sink has acknowledged it. A record is matched to its diff by
 //! entity id and version (record ids are `{kind}:{entity}:{version}`). The connector starts,
 //! takes its snapshot and warms up for `BENCH_WARMUP_SECS` (default 2) before the measured
-//! `BENCH_SECS` (default 10) begin.
+//! `BENCH_SECS` (default 20, so two periodic history polls fall inside) begin.
+//! `BENCH_HISTORY_INTERVAL_MS` sets the connector's history poll interval (default 10000;
+//! 0 = no periodic polls), to tell the polls' share of the tail apart.
 //!
 //! The simulator, the connector and the broker clients share this process and the machine's
 //! cores with the brokers, as they would in a small deployment; the figures include that.
@@ -110,6 +112,12 @@ async fn measure(
     cfg.source.url = handle.url();
     cfg.source.token_env = String::new();
     cfg.source.token_file = Some(token_file);
+    if let Some(ms) = std::env::var("BENCH_HISTORY_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.source.history_interval_ms = ms;
+    }
     configure(&mut cfg);
 
     let stamps = Arc::new(Mutex::new(Stamps::default()));
@@ -161,7 +169,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_secs(env_or("BENCH_WARMUP_SECS", 2))).await;
-    let secs = env_or("BENCH_SECS", 10.0f64);
+    let secs = env_or("BENCH_SECS", 20.0f64);
     stamps.lock().unwrap_or_else(|e| e.into_inner()).measuring = true;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
