@@ -13,7 +13,8 @@
 //! CPU seconds per million records count the whole process: the connector and the simulator
 //! feeding it, which runs in the same process.
 //!
-//! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do).
+//! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do;
+//! `BENCH_ONLY=file` runs the file sink alone, for a profiler).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -254,6 +255,16 @@ fn main() {
         let file = dir.path().join("records.jsonl");
         let f = file.clone();
         let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f)).await;
+        // `BENCH_ONLY=file`: the file sink alone, for a profiler.
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("file") {
+            println!(
+                "file: {} records in {:.2} s = {:.0} records/s",
+                file_run.records,
+                file_run.secs,
+                file_run.records as f64 / file_run.secs
+            );
+            return;
+        }
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         let lines = text.lines().count().max(1);
         let mean = text.len() / lines;

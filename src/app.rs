@@ -694,8 +694,14 @@ impl Pipeline {
     /// whole length; `cargo bench --bench latency` measured 30-80 ms stalls every history poll
     /// before. Safe to reorder: the page's remaining batches are older changes (the view keeps
     /// the newest version of each entity either way), and a diff goes ahead only of what it
-    /// overtook in the channel ([`Inbox::live_diff`]). The page's span and clock are kept.
+    /// overtook in the channel ([`Inbox::live_diff`]). The page's span and clock are kept. Only
+    /// for periodic polls, not catch-ups.
     async fn let_live_diffs_ahead(&mut self) -> Result<(), AppError> {
+        // During a catch-up the page holds the versions a waiting diff skipped: that diff
+        // would only be held again, so diffs wait for the page then.
+        if self.catch_up_requested {
+            return Ok(());
+        }
         let span = self.event_span.take();
         let now = self.ctx.now.clone();
         let received_at = self.received_at;
