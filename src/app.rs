@@ -799,61 +799,64 @@ impl Pipeline {
                     .await?;
                 tracing::info!(entities = self.view.len(), "snapshot merged");
             }
-            SourceEvent::Diff { payload, trace } => match normalize::diff_entries(&payload) {
-                Err(reason) => {
-                    self.dead_letter(
-                        "graph:diff",
-                        payload.to_string().as_bytes(),
-                        &reason,
-                        &trace,
-                    )
-                    .await?
-                }
-                Ok((entries, bad)) => {
-                    if !bad.is_empty() {
-                        let payload_hash = crate::record::fnv1a(payload.to_string().as_bytes());
-                        for entry in bad {
-                            inc(&metrics().dead_letters_total);
-                            self.summary.dead_letters += 1;
-                            tracing::warn!(event = "graph:diff", reason = %entry.reason, index = entry.index, bytes = entry.raw.len(), trace_id = %trace.trace_id, "bad diff entry sent to the dead-letter route");
-                            let g = normalize::dead_letter_entry(
-                                &self.ctx,
-                                "graph:diff",
-                                payload_hash,
-                                &entry,
-                                &trace,
-                            );
-                            self.submit(g).await?;
-                        }
+            SourceEvent::Diff { mut payload, trace } => {
+                match normalize::take_diff_entries(&mut payload) {
+                    Err(reason) => {
+                        self.dead_letter(
+                            "graph:diff",
+                            payload.to_string().as_bytes(),
+                            &reason,
+                            &trace,
+                        )
+                        .await?
                     }
-                    for (kind, entity) in entries {
-                        if self.snapshot_active {
-                            if let Some(id) = entity.get("id").and_then(Value::as_str) {
-                                self.touched.insert(kind.key(id));
+                    Ok((entries, bad)) => {
+                        if !bad.is_empty() {
+                            let payload_hash = crate::record::fnv1a(payload.to_string().as_bytes());
+                            for entry in bad {
+                                inc(&metrics().dead_letters_total);
+                                self.summary.dead_letters += 1;
+                                tracing::warn!(event = "graph:diff", reason = %entry.reason, index = entry.index, bytes = entry.raw.len(), trace_id = %trace.trace_id, "bad diff entry sent to the dead-letter route");
+                                let g = normalize::dead_letter_entry(
+                                    &self.ctx,
+                                    "graph:diff",
+                                    payload_hash,
+                                    &entry,
+                                    &trace,
+                                );
+                                self.submit(g).await?;
                             }
                         }
-                        if let Some(root) = &self.scope_root {
-                            if !normalize::in_scope(&self.view, kind, &entity, root) {
-                                inc(&metrics().outside_scope_total);
+                        for (kind, entity) in entries {
+                            if self.snapshot_active {
+                                if let Some(id) = entity.get("id").and_then(Value::as_str) {
+                                    self.touched.insert(kind.key(id));
+                                }
+                            }
+                            if let Some(root) = &self.scope_root {
+                                if !normalize::in_scope(&self.view, kind, &entity, root) {
+                                    inc(&metrics().outside_scope_total);
+                                    continue;
+                                }
+                            }
+                            if self.history && normalize::skips_versions(&self.view, kind, &entity)
+                            {
+                                self.hold(kind, entity, &trace, "a diff skipped versions");
                                 continue;
                             }
+                            let o = normalize::apply_entity(
+                                &mut self.view,
+                                &self.ctx,
+                                kind,
+                                &entity,
+                                Origin::Diff,
+                                &trace,
+                            );
+                            self.outcome(o, "graph:diff", kind, &entity, &trace).await?;
                         }
-                        if self.history && normalize::skips_versions(&self.view, kind, &entity) {
-                            self.hold(kind, entity, &trace, "a diff skipped versions");
-                            continue;
-                        }
-                        let o = normalize::apply_entity(
-                            &mut self.view,
-                            &self.ctx,
-                            kind,
-                            &entity,
-                            Origin::Diff,
-                            &trace,
-                        );
-                        self.outcome(o, "graph:diff", kind, &entity, &trace).await?;
                     }
                 }
-            },
+            }
             SourceEvent::History {
                 scope,
                 batches,

@@ -507,45 +507,25 @@ pub type DiffEntries = (Vec<(EntityKind, Map<String, Value>)>, Vec<BadEntry>);
 /// op-shaped entries (`{op, before, after}`), whose `after` is used; extra top-level keys are
 /// ignored. Entries that are not objects come back in the second list, for the dead-letter route.
 pub fn diff_entries(payload: &Value) -> Result<DiffEntries, String> {
-    let Some(obj) = payload.as_object() else {
+    take_diff_entries(&mut payload.clone())
+}
+
+/// [`diff_entries`], moving the entities out of the payload instead of copying them (the live
+/// path: a copy of every entity map was 9 % of the pipeline's time in the e2e profile). The
+/// entities taken are left as nulls. A payload with an error or a bad entry is left whole
+/// (its entities are copied): its dead letters are named after a hash of it.
+pub fn take_diff_entries(payload: &mut Value) -> Result<DiffEntries, String> {
+    let Some(obj) = payload.as_object_mut() else {
         return Err(format!(
             "graph:diff payload is {}, not an object",
             type_name(payload)
         ));
     };
-    let mut out = Vec::new();
-    let mut bad = Vec::new();
-    let mut index = 0usize;
-    for (field, kind) in [("nodes", EntityKind::Node), ("links", EntityKind::Link)] {
+    let mut whole = true;
+    for field in ["nodes", "links"] {
         match obj.get(field) {
             None | Some(Value::Null) => {}
-            Some(Value::Array(items)) => {
-                for item in items {
-                    let mut refuse = |reason: String| {
-                        bad.push(BadEntry {
-                            index,
-                            reason,
-                            raw: item.to_string().into_bytes(),
-                        })
-                    };
-                    match item.as_object() {
-                        Some(m) if m.contains_key("after") && !m.contains_key("id") => {
-                            match m.get("after") {
-                                Some(Value::Object(after)) if after.contains_key("id") => {
-                                    out.push((kind, after.clone()))
-                                }
-                                _ => refuse(format!("{field} entry with an unusable after")),
-                            }
-                        }
-                        Some(m) => out.push((kind, m.clone())),
-                        None => refuse(format!(
-                            "{field} entry is {}, not an object",
-                            type_name(item)
-                        )),
-                    }
-                    index += 1;
-                }
-            }
+            Some(Value::Array(items)) => whole &= items.iter().all(|i| entry_of(i).is_ok()),
             Some(other) => {
                 return Err(format!(
                     "graph:diff {field} is {}, not an array",
@@ -554,7 +534,58 @@ pub fn diff_entries(payload: &Value) -> Result<DiffEntries, String> {
             }
         }
     }
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    let mut index = 0usize;
+    for (field, kind) in [("nodes", EntityKind::Node), ("links", EntityKind::Link)] {
+        let Some(Value::Array(items)) = obj.get_mut(field) else {
+            continue;
+        };
+        for item in items {
+            match entry_of(item) {
+                Ok(op_shaped) if whole => {
+                    let taken = if op_shaped {
+                        item.get_mut("after").map(Value::take)
+                    } else {
+                        Some(item.take())
+                    };
+                    if let Some(Value::Object(m)) = taken {
+                        out.push((kind, m));
+                    }
+                }
+                Ok(op_shaped) => {
+                    let entity = if op_shaped {
+                        item.get("after")
+                    } else {
+                        Some(&*item)
+                    };
+                    if let Some(Value::Object(m)) = entity {
+                        out.push((kind, m.clone()));
+                    }
+                }
+                Err(why) => bad.push(BadEntry {
+                    index,
+                    reason: format!("{field} {why}"),
+                    raw: item.to_string().into_bytes(),
+                }),
+            }
+            index += 1;
+        }
+    }
     Ok((out, bad))
+}
+
+/// Whether a diff entry is usable, and whether it is op-shaped (`{op, before, after}`, the
+/// entity in `after`); otherwise why not.
+fn entry_of(item: &Value) -> Result<bool, String> {
+    match item.as_object() {
+        Some(m) if m.contains_key("after") && !m.contains_key("id") => match m.get("after") {
+            Some(Value::Object(after)) if after.contains_key("id") => Ok(true),
+            _ => Err("entry with an unusable after".into()),
+        },
+        Some(_) => Ok(false),
+        None => Err(format!("entry is {}, not an object", type_name(item))),
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -1283,6 +1314,39 @@ mod tests {
         assert!(!skips_versions(&view, EntityKind::Node, &partial));
         let purge = obj(json!({"id": "a", "deleted": true}));
         let _ = apply(&mut view, &purge);
+    }
+
+    #[test]
+    fn taking_diff_entries_gives_what_copying_gives_and_leaves_bad_payloads_whole() {
+        let payloads = [
+            json!({"nodes": [{"id": "a", "version": 1}], "links": [{"op": 0, "after": {"id": "l", "version": 2}}]}),
+            json!({"nodes": [1, {"id": "a", "version": 1}], "links": [{"op": 0, "after": null}]}),
+            json!({"nodes": null, "links": [{"id": "l"}], "other": true}),
+            json!({"nodes": 3}),
+            json!("nope"),
+        ];
+        for payload in payloads {
+            let copied = diff_entries(&payload);
+            let mut taken_from = payload.clone();
+            let taken = take_diff_entries(&mut taken_from);
+            match (&copied, &taken) {
+                (Ok((ok_a, bad_a)), Ok((ok_b, bad_b))) => {
+                    assert_eq!(ok_a, ok_b, "{payload}");
+                    assert_eq!(bad_a.len(), bad_b.len(), "{payload}");
+                    for (a, b) in bad_a.iter().zip(bad_b) {
+                        assert_eq!((a.index, &a.reason, &a.raw), (b.index, &b.reason, &b.raw));
+                    }
+                    if !bad_a.is_empty() {
+                        assert_eq!(taken_from, payload, "a payload with bad entries stays whole");
+                    }
+                }
+                (Err(a), Err(b)) => {
+                    assert_eq!(a, b);
+                    assert_eq!(taken_from, payload);
+                }
+                _ => panic!("{payload}: {copied:?} vs {taken:?}"),
+            }
+        }
     }
 
     #[test]
