@@ -1337,7 +1337,10 @@ mod tests {
                         assert_eq!((a.index, &a.reason, &a.raw), (b.index, &b.reason, &b.raw));
                     }
                     if !bad_a.is_empty() {
-                        assert_eq!(taken_from, payload, "a payload with bad entries stays whole");
+                        assert_eq!(
+                            taken_from, payload,
+                            "a payload with bad entries stays whole"
+                        );
                     }
                 }
                 (Err(a), Err(b)) => {
