@@ -14,7 +14,7 @@
 //! feeding it, which runs in the same process.
 //!
 //! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do;
-//! `BENCH_ONLY=file` runs the file sink alone, for a profiler).
+//! `BENCH_ONLY=file` or `nats` runs the file or the JetStream sink alone, for a profiler).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -254,6 +254,23 @@ fn main() {
 
         let file = dir.path().join("records.jsonl");
         let f = file.clone();
+        // `BENCH_ONLY=nats`: the JetStream sink alone, for a profiler.
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("nats") {
+            let url = nats.url();
+            let run = connector_run("nats-jetstream", events, dir.path(), |c| {
+                c.sinks.stdout.enabled = false;
+                c.sinks.nats.enabled = true;
+                c.sinks.nats.url = url.clone();
+            })
+            .await;
+            println!(
+                "nats-jetstream: {} records in {:.2} s = {:.0} records/s",
+                run.records,
+                run.secs,
+                run.records as f64 / run.secs
+            );
+            return;
+        }
         let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f)).await;
         // `BENCH_ONLY=file`: the file sink alone, for a profiler.
         if std::env::var("BENCH_ONLY").as_deref() == Ok("file") {

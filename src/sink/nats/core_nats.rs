@@ -5,12 +5,10 @@ use super::*;
 
 impl Inner {
     /// One core publish, bounded like [`Inner::send_js`].
-    pub(super) async fn send_core(&self, conn: &Conn, publish: &Outgoing) -> Result<(), SinkError> {
-        let sent = conn.client.publish_with_headers(
-            publish.subject.clone(),
-            publish.headers.clone(),
-            publish.payload.clone(),
-        );
+    pub(super) async fn send_core(&self, conn: &Conn, publish: Outgoing) -> Result<(), SinkError> {
+        let sent =
+            conn.client
+                .publish_with_headers(publish.subject, publish.headers, publish.payload);
         match tokio::time::timeout(self.ack_timeout, sent).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(match e.kind() {

@@ -108,7 +108,11 @@ impl Inner {
                     // here shows again as a failed resend.
                     let _ = self.ensure_stream(&conn.js, Some(STREAM_RECHECK)).await;
                 }
-                match self.send_js(&conn, &publish).await {
+                let resent = match headers_of(&publish.msg, publish.format) {
+                    Ok(headers) => self.send_js(&conn, &publish, headers).await,
+                    Err(e) => return Err(e),
+                };
+                match resent {
                     Ok(next) => {
                         ack = next;
                         break;
@@ -125,10 +129,11 @@ impl Inner {
         &self,
         conn: &Conn,
         publish: &Outgoing,
+        headers: HeaderMap,
     ) -> Result<PublishAckFuture, SinkError> {
         let message = PublishMessage::build()
             .payload(publish.payload.clone())
-            .headers(publish.headers.clone());
+            .headers(headers);
         match tokio::time::timeout(
             self.ack_timeout,
             conn.js.send_publish(publish.subject.clone(), message),

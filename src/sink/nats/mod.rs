@@ -291,13 +291,17 @@ impl Inner {
 #[derive(Debug, Clone)]
 struct Outgoing {
     subject: String,
+    /// Taken by the first send (a copy per message cost more than building it); a resend
+    /// builds them again from `msg`.
     headers: HeaderMap,
     payload: Bytes,
+    msg: Arc<Message>,
+    format: Format,
 }
 
 fn outgoing(
     subjects: &NatsSubjects,
-    msg: &Message,
+    msg: &Arc<Message>,
     payload: &[u8],
     format: Format,
 ) -> Result<Outgoing, SinkError> {
@@ -308,6 +312,17 @@ fn outgoing(
             msg.event
         )));
     }
+    Ok(Outgoing {
+        subject,
+        headers: headers_of(msg, format)?,
+        payload: Bytes::copy_from_slice(payload),
+        msg: Arc::clone(msg),
+        format,
+    })
+}
+
+/// A message's NATS headers: its record headers and the record id as `Nats-Msg-Id`.
+fn headers_of(msg: &Message, format: Format) -> Result<HeaderMap, SinkError> {
     let mut headers = HeaderMap::new();
     for (name, value) in msg.headers_for(format) {
         let name =
@@ -319,11 +334,7 @@ fn outgoing(
     let id = HeaderValue::from_str(&msg.id)
         .map_err(|e| fatal(format!("record id as Nats-Msg-Id: {e}")))?;
     headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-    Ok(Outgoing {
-        subject,
-        headers,
-        payload: Bytes::copy_from_slice(payload),
-    })
+    Ok(headers)
 }
 
 impl Sink for NatsSink {
@@ -337,14 +348,15 @@ impl Sink for NatsSink {
                 let skipped: AckFuture = futures_util::future::ready(Ok(())).boxed();
                 return Ok(skipped);
             };
-            let publish = outgoing(&self.inner.subjects, &msg, payload, self.inner.format)?;
+            let mut publish = outgoing(&self.inner.subjects, &msg, payload, self.inner.format)?;
             let inner = self.inner.clone();
             let conn = inner.conn().await?.clone();
             let ack: AckFuture = match inner.mode {
                 NatsMode::JetStream => {
                     // A failure here is returned, not retried inside: the caller retries
                     // enqueue in order, which keeps later messages behind this one.
-                    let first = inner.send_js(&conn, &publish).await?;
+                    let headers = std::mem::take(&mut publish.headers);
+                    let first = inner.send_js(&conn, &publish, headers).await?;
                     let (tx, rx) = oneshot::channel();
                     inner.awaiting_acks.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
@@ -360,7 +372,7 @@ impl Sink for NatsSink {
                     .boxed()
                 }
                 NatsMode::Core => {
-                    inner.send_core(&conn, &publish).await?;
+                    inner.send_core(&conn, publish).await?;
                     inner.core_flusher.get_or_init(|| {
                         tokio::spawn(inner.clone().run_core_flusher(conn.client.clone()))
                     });
@@ -549,7 +561,7 @@ mod tests {
     #[test]
     fn headers_carry_the_message_id_and_bad_input_is_fatal() {
         let s = NatsSubjects::default();
-        let out = outgoing(&s, &msg(Route::Nodes, "updated"), b"{}", Format::Json).unwrap();
+        let out = outgoing(&s, &Arc::new(msg(Route::Nodes, "updated")), b"{}", Format::Json).unwrap();
         assert_eq!(
             out.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
             Some("node:a:1")
@@ -558,11 +570,11 @@ mod tests {
             out.headers.get("ce_id").map(|v| v.as_str()),
             Some("node:a:1")
         );
-        assert!(!outgoing(&s, &msg(Route::Nodes, ""), b"{}", Format::Json)
+        assert!(!outgoing(&s, &Arc::new(msg(Route::Nodes, "")), b"{}", Format::Json)
             .unwrap_err()
             .is_retryable());
         assert!(
-            !outgoing(&s, &msg(Route::Nodes, "a b"), b"{}", Format::Json)
+            !outgoing(&s, &Arc::new(msg(Route::Nodes, "a b")), b"{}", Format::Json)
                 .unwrap_err()
                 .is_retryable()
         );
