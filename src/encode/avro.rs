@@ -913,7 +913,7 @@ mod tests {
                     "id": "node:a:2", "type": "synaptask.node.updated", "source": "s", "subject": "a",
                     "time": "2026-12-01T10:00:00.123Z", "sequence": 2, "traceId": "abcdefabcdef",
                     "origin": "diff", "before": {"id": "a", "version": 1, "x": -1.5},
-                    "after": {"id": "a", "version": 2, "status": 7, "title": "t", "tags": ["a", "b"],
+                    "after": {"id": "a", "version": 2, "status": 2, "title": "t", "tags": ["a", "b"],
                               "newField": {"x": 1}, "createdTime": "2026-11-01T09:00:00Z"},
                     "changed": ["status", "title"], "unknown": [1, 2]
                 }),

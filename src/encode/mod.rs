@@ -88,7 +88,15 @@ fn headers_traced(
         ),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), header_safe(&v).into_owned()))
+    .map(|(k, v)| {
+        // Most values are clean: kept as they are rather than copied once more.
+        let v = if v.bytes().any(|b| b.is_ascii_control()) {
+            header_safe(&v).into_owned()
+        } else {
+            v
+        };
+        (k.to_string(), v)
+    })
     .collect()
 }
 

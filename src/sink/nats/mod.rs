@@ -561,7 +561,13 @@ mod tests {
     #[test]
     fn headers_carry_the_message_id_and_bad_input_is_fatal() {
         let s = NatsSubjects::default();
-        let out = outgoing(&s, &Arc::new(msg(Route::Nodes, "updated")), b"{}", Format::Json).unwrap();
+        let out = outgoing(
+            &s,
+            &Arc::new(msg(Route::Nodes, "updated")),
+            b"{}",
+            Format::Json,
+        )
+        .unwrap();
         assert_eq!(
             out.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
             Some("node:a:1")
@@ -570,9 +576,11 @@ mod tests {
             out.headers.get("ce_id").map(|v| v.as_str()),
             Some("node:a:1")
         );
-        assert!(!outgoing(&s, &Arc::new(msg(Route::Nodes, "")), b"{}", Format::Json)
-            .unwrap_err()
-            .is_retryable());
+        assert!(
+            !outgoing(&s, &Arc::new(msg(Route::Nodes, "")), b"{}", Format::Json)
+                .unwrap_err()
+                .is_retryable()
+        );
         assert!(
             !outgoing(&s, &Arc::new(msg(Route::Nodes, "a b")), b"{}", Format::Json)
                 .unwrap_err()
