@@ -175,14 +175,17 @@ fn looks_full(kind: EntityKind, entry: &Map<String, Value>) -> bool {
 }
 
 fn changed_fields(before: &Map<String, Value>, after: &Map<String, Value>) -> Vec<String> {
-    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
+    // Only the few changed names are sorted, not every name of both states (the sort of ~50
+    // names was a third of building an entity record in the e2e profile).
+    let mut changed: Vec<&String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .chain(before.keys().filter(|k| !after.contains_key(*k)))
         .filter(|k| !BOOKKEEPING.contains(&k.as_str()))
-        .filter(|k| before.get(*k) != after.get(*k))
-        .cloned()
-        .collect()
+        .collect();
+    changed.sort_unstable();
+    changed.into_iter().cloned().collect()
 }
 
 fn time_of(state: Option<&Map<String, Value>>, ctx: &Ctx) -> String {
@@ -1314,6 +1317,17 @@ mod tests {
         assert!(!skips_versions(&view, EntityKind::Node, &partial));
         let purge = obj(json!({"id": "a", "deleted": true}));
         let _ = apply(&mut view, &purge);
+    }
+
+    #[test]
+    fn changed_fields_are_the_sorted_names_whose_values_differ() {
+        let before = json!({"b": 1, "a": 2, "gone": true, "version": 1, "same": "x"});
+        let after = json!({"a": 3, "b": 1, "new": null, "version": 2, "same": "x", "c": []});
+        let (Value::Object(b), Value::Object(a)) = (before, after) else {
+            unreachable!()
+        };
+        assert_eq!(changed_fields(&b, &a), ["a", "c", "gone", "new"]);
+        assert!(changed_fields(&a, &a).is_empty());
     }
 
     #[test]
