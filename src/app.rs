@@ -25,8 +25,8 @@ use crate::normalize::history::RecentIds;
 use crate::normalize::{self, Ctx, Group, Outcome, View};
 use crate::record::{Body, EntityKind, Origin, TraceContext};
 use crate::sink::{Sink, SinkError};
-use crate::source::jobs::{JobsSource, Spool, SpooledFrame};
-use crate::source::synaptask::SynapTaskSource;
+use crate::source::jobs::{JobFrame, JobsSource, Spool};
+use crate::source::synaptask::{GraphEvent, SynapTaskSource};
 use crate::source::{Control, Source, SourceError, SourceEvent};
 use crate::state::journal::Journal;
 use crate::state::redb_store::RedbStore;
@@ -306,7 +306,7 @@ impl Inbox {
             return None;
         }
         match self.rx.try_recv() {
-            Ok(ev @ SourceEvent::Diff { .. }) => Some(ev),
+            Ok(ev @ SourceEvent::Graph(GraphEvent::Diff { .. })) => Some(ev),
             Ok(other) => {
                 self.stash.push_back(other);
                 None
@@ -348,7 +348,7 @@ struct Pipeline {
     max_records: Option<u64>,
     /// Job frames submitted and maybe not delivered yet, oldest first (pruned as the
     /// checkpoint passes them); kept for the next run if shutdown leaves them undelivered.
-    jobs_sent: VecDeque<SpooledFrame>,
+    jobs_sent: VecDeque<JobFrame>,
     /// Where undelivered job frames go at shutdown.
     spool: Option<Spool>,
     /// Upserts are journalled here before they are published (restart-exact baselines).
@@ -455,7 +455,7 @@ impl Pipeline {
 
     /// Publishes one job frame. It is remembered first, so a shutdown that interrupts the
     /// publish still keeps it for the next run.
-    async fn job(&mut self, f: SpooledFrame) -> Result<(), AppError> {
+    async fn job(&mut self, f: JobFrame) -> Result<(), AppError> {
         let delivered = self.jobs_delivered(&f.client_id);
         while self.jobs_sent.front().is_some_and(|s| s.index <= delivered) {
             self.jobs_sent.pop_front();
@@ -487,7 +487,7 @@ impl Pipeline {
         while let Ok(Some(ev)) =
             tokio::time::timeout(Duration::from_millis(200), self.inbox.recv()).await
         {
-            if matches!(ev, SourceEvent::Job { .. }) {
+            if matches!(ev, SourceEvent::Job(_)) {
                 self.handle(ev).await?;
             }
         }
@@ -497,26 +497,15 @@ impl Pipeline {
     /// At shutdown, after the drain: keeps the job frames not known to be delivered (sent and
     /// unacknowledged, or never taken from the channel) for the next run.
     fn keep_job_frames(&mut self) {
-        let mut frames: Vec<SpooledFrame> = Vec::new();
+        let mut frames: Vec<JobFrame> = Vec::new();
         for f in std::mem::take(&mut self.jobs_sent) {
             if f.index > self.jobs_delivered(&f.client_id) {
                 frames.push(f);
             }
         }
         while let Some(ev) = self.inbox.try_recv() {
-            if let SourceEvent::Job {
-                client_id,
-                epoch,
-                index,
-                frame,
-            } = ev
-            {
-                frames.push(SpooledFrame {
-                    client_id,
-                    epoch,
-                    index,
-                    frame,
-                });
+            if let SourceEvent::Job(frame) = ev {
+                frames.push(frame);
             }
         }
         if frames.is_empty() {
@@ -728,12 +717,23 @@ impl Pipeline {
 
     async fn handle_event(&mut self, ev: SourceEvent) -> Result<(), AppError> {
         match ev {
-            SourceEvent::Session { source_uri } => self.ctx.source = source_uri,
-            SourceEvent::SnapshotStart => {
+            SourceEvent::Graph(ev) => self.handle_graph(ev).await,
+            SourceEvent::Job(frame) => self.job(frame).await,
+            SourceEvent::Malformed { event, raw, reason } => {
+                self.dead_letter(&event, &raw, &reason, &TraceContext::new_root())
+                    .await
+            }
+        }
+    }
+
+    async fn handle_graph(&mut self, ev: GraphEvent) -> Result<(), AppError> {
+        match ev {
+            GraphEvent::Session { source_uri } => self.ctx.source = source_uri,
+            GraphEvent::SnapshotStart => {
                 self.snapshot_active = true;
                 self.touched.clear();
             }
-            SourceEvent::SnapshotPage { items, trace } => {
+            GraphEvent::SnapshotPage { items, trace } => {
                 for (kind, entity) in items {
                     let o = normalize::apply_entity(
                         &mut self.view,
@@ -749,7 +749,7 @@ impl Pipeline {
                     self.outcome(o, "graph:get", kind, &entity, &trace).await?;
                 }
             }
-            SourceEvent::SnapshotDone {
+            GraphEvent::SnapshotDone {
                 mut seen,
                 trash,
                 trace,
@@ -799,7 +799,7 @@ impl Pipeline {
                     .await?;
                 tracing::info!(entities = self.view.len(), "snapshot merged");
             }
-            SourceEvent::Diff { mut payload, trace } => {
+            GraphEvent::Diff { mut payload, trace } => {
                 match normalize::take_diff_entries(&mut payload) {
                     Err(reason) => {
                         self.dead_letter(
@@ -857,7 +857,7 @@ impl Pipeline {
                     }
                 }
             }
-            SourceEvent::History {
+            GraphEvent::History {
                 scope,
                 batches,
                 trace,
@@ -891,14 +891,14 @@ impl Pipeline {
                     }
                 }
             }
-            SourceEvent::CatchUpDone => {
+            GraphEvent::CatchUpDone => {
                 tracing::debug!(held = self.held.len(), "catch-up done");
                 self.catch_up_requested = false;
                 if !self.held.is_empty() && !self.snapshot_active {
                     self.retry_held(false).await?;
                 }
             }
-            SourceEvent::Gap {
+            GraphEvent::Gap {
                 scope,
                 from_op_id,
                 oldest_available_op_id,
@@ -910,7 +910,7 @@ impl Pipeline {
                 oldest_available_op_id,
                 reason,
             }),
-            SourceEvent::Gap {
+            GraphEvent::Gap {
                 scope,
                 from_op_id,
                 oldest_available_op_id,
@@ -929,24 +929,6 @@ impl Pipeline {
                     &TraceContext::new_root(),
                 );
                 self.submit(g).await?;
-            }
-            SourceEvent::Job {
-                client_id,
-                epoch,
-                index,
-                frame,
-            } => {
-                self.job(SpooledFrame {
-                    client_id,
-                    epoch,
-                    index,
-                    frame,
-                })
-                .await?
-            }
-            SourceEvent::Malformed { event, raw, reason } => {
-                self.dead_letter(&event, &raw, &reason, &TraceContext::new_root())
-                    .await?;
             }
         }
         Ok(())

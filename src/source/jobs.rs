@@ -67,10 +67,11 @@ impl Default for JobsConfig {
     }
 }
 
-/// One job frame kept for the next run: received, not known to be delivered.
+/// One job frame, numbered by the run that received it: what the job source hands the
+/// pipeline, and what is kept for the next run when it was not known to be delivered.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SpooledFrame {
+pub struct JobFrame {
     /// Job-API client id.
     pub client_id: String,
     /// Epoch of the run that received it.
@@ -99,7 +100,7 @@ impl Spool {
     }
 
     /// Appends frames; an error means they are lost, and says how many.
-    pub fn append(&self, frames: &[SpooledFrame]) -> Result<(), SourceError> {
+    pub fn append(&self, frames: &[JobFrame]) -> Result<(), SourceError> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -128,7 +129,7 @@ impl Spool {
 
     /// Takes every kept frame (oldest run first, in order) and removes the file. Lines that do
     /// not parse (a write cut short) are skipped with a warning.
-    pub fn take(&self) -> Result<Vec<SpooledFrame>, SourceError> {
+    pub fn take(&self) -> Result<Vec<JobFrame>, SourceError> {
         let file = match std::fs::File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -142,7 +143,7 @@ impl Spool {
         let mut frames = Vec::new();
         for line in std::io::BufReader::new(file).lines() {
             let Ok(line) = line else { break };
-            match serde_json::from_str::<SpooledFrame>(&line) {
+            match serde_json::from_str::<JobFrame>(&line) {
                 Ok(f) => frames.push(f),
                 Err(e) => {
                     tracing::warn!(error = %e, "skipping an unreadable line of the job spool")
@@ -254,21 +255,11 @@ impl JobsSource {
 
     /// Keeps the frames still buffered for the next run.
     fn keep(&self, outbox: Outbox) {
-        let frames: Vec<SpooledFrame> = outbox
+        let frames: Vec<JobFrame> = outbox
             .queue
             .into_iter()
             .filter_map(|(ev, _)| match ev {
-                SourceEvent::Job {
-                    client_id,
-                    epoch,
-                    index,
-                    frame,
-                } => Some(SpooledFrame {
-                    client_id,
-                    epoch,
-                    index,
-                    frame,
-                }),
+                SourceEvent::Job(frame) => Some(frame),
                 _ => None,
             })
             .collect();
@@ -306,12 +297,12 @@ impl JobsSource {
             Ok(frame) => {
                 let index = self.next_index;
                 self.next_index += 1;
-                SourceEvent::Job {
+                SourceEvent::Job(JobFrame {
                     client_id: self.cfg.client_id.clone(),
                     epoch: self.epoch,
                     index,
                     frame,
-                }
+                })
             }
             Err(reason) => SourceEvent::Malformed {
                 event: "job_frame".into(),
@@ -495,7 +486,7 @@ mod tests {
     fn frames_are_numbered_and_bad_ones_reported() {
         let mut s = source();
         match s.frame_event(r#"{"type":"job_progress","jobId":"job_1","progress":5}"#) {
-            SourceEvent::Job { index, frame, .. } => {
+            SourceEvent::Job(JobFrame { index, frame, .. }) => {
                 assert_eq!(index, 5);
                 assert_eq!(frame["jobId"], "job_1");
             }
@@ -515,7 +506,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match s.frame_event(r#"{"type":"file_uploaded"}"#) {
-            SourceEvent::Job { index, .. } => assert_eq!(index, 6),
+            SourceEvent::Job(JobFrame { index, .. }) => assert_eq!(index, 6),
             other => panic!("{other:?}"),
         }
     }

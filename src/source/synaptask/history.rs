@@ -17,11 +17,12 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Map, Value};
 
 use super::reads::{ReadError, Reader};
+use super::GraphEvent;
 use super::HistoryStart;
 use crate::metrics::{inc, metrics};
 use crate::normalize::history::max_op_id;
 use crate::record::TraceContext;
-use crate::source::{SourceError, SourceEvent};
+use crate::source::SourceError;
 
 /// Batches sent to the pipeline per event, so a long catch-up streams instead of arriving whole.
 const CHUNK: usize = 200;
@@ -270,7 +271,7 @@ async fn catch_up_scope(
     for (_, b) in collected {
         chunk.push(b);
         if chunk.len() == CHUNK {
-            r.send(SourceEvent::History {
+            r.send(GraphEvent::History {
                 scope: key.clone(),
                 batches: std::mem::take(&mut chunk),
                 trace: trace.clone(),
@@ -279,7 +280,7 @@ async fn catch_up_scope(
         }
     }
     if !chunk.is_empty() {
-        r.send(SourceEvent::History {
+        r.send(GraphEvent::History {
             scope: key.clone(),
             batches: chunk,
             trace,
@@ -338,7 +339,7 @@ pub async fn run(
             Err(e) => return Ok(CatchUpEnd::Failed(e)),
         }
     }
-    r.send(SourceEvent::CatchUpDone).await?;
+    r.send(GraphEvent::CatchUpDone).await?;
     Ok(CatchUpEnd::Done(gaps))
 }
 

@@ -21,7 +21,7 @@ pub mod reads;
 pub mod session;
 pub mod snapshot;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,9 +39,75 @@ use super::{Control, Source, SourceError, SourceEvent};
 use crate::delivery::SharedStore;
 use crate::metrics::{inc, metrics};
 use crate::ratelimit::SlidingWindow;
-use crate::record::TraceContext;
+use crate::record::{EntityKind, TraceContext};
 use crate::secret::Secret;
 use crate::state::CheckpointOp;
+use serde_json::{Map, Value};
+
+/// What the SynapTask source hands the pipeline, in the order the pipeline must apply it.
+#[derive(Debug, Clone)]
+pub enum GraphEvent {
+    /// A session is established: records get `source = synaptask://<host>/users/<uid>`.
+    Session {
+        /// The `source` attribute for records from now on.
+        source_uri: String,
+    },
+    /// A snapshot begins: changes seen until [`GraphEvent::SnapshotDone`] count as seen by it.
+    SnapshotStart,
+    /// A page of a snapshot (`graph:get`): full entities.
+    SnapshotPage {
+        /// Entities in page order.
+        items: Vec<(EntityKind, Map<String, Value>)>,
+        /// The page ack's trace.
+        trace: TraceContext,
+    },
+    /// The snapshot is complete. Diffs that arrived meanwhile come after this event.
+    SnapshotDone {
+        /// Keys (`node:<id>`, `link:<id>`) every page listed.
+        seen: HashSet<String>,
+        /// Trashed entities by key, from `trash:page`; `None` when there is no listing (the
+        /// server lacks the event, or `source.trash_listing` is off).
+        trash: Option<HashMap<String, Map<String, Value>>>,
+        /// The last page's trace.
+        trace: TraceContext,
+    },
+    /// A pushed `graph:diff` payload.
+    Diff {
+        /// The payload as received.
+        payload: Value,
+        /// A trace started for it (pushed diffs carry no `trace_id`).
+        trace: TraceContext,
+    },
+    /// History batches of one scope newer than its position, oldest first.
+    History {
+        /// `USER:<uid>` or `GRAPH:<root>`.
+        scope: String,
+        /// The batches as `history:page` listed them.
+        batches: Vec<Map<String, Value>>,
+        /// The trace of the page ack that brought the last of them.
+        trace: TraceContext,
+    },
+    /// A history catch-up of every scope finished (diffs held for unknown entities can be
+    /// tried again).
+    CatchUpDone,
+    /// History does not reach back to a scope's delivered position. The window is published
+    /// as a gap record: after the snapshot that reconciles it, or at once when the live stream
+    /// covered it (`snapshot: false`).
+    Gap {
+        /// The scope.
+        scope: String,
+        /// The delivered position.
+        from_op_id: u64,
+        /// The oldest op id history still listed.
+        oldest_available_op_id: Option<u64>,
+        /// Why (`retention`, `history_unavailable ...`, `too_far_behind`).
+        reason: String,
+        /// A snapshot follows and the record waits for it; otherwise (a periodic poll outran
+        /// by retention while the live stream lost nothing) the graph is whole and only the
+        /// window's batches are missing from the history stream.
+        snapshot: bool,
+    },
+}
 
 /// Why one connection attempt gave no session.
 #[derive(Debug)]
@@ -373,7 +439,11 @@ impl SynapTaskSource {
             crate::health::set_source_up(true);
             tracing::info!(%uid, url = %self.cfg.url, "connected to SynapTask");
             let source_uri = format!("synaptask://{}/users/{uid}", self.cfg.host());
-            if out.send(SourceEvent::Session { source_uri }).await.is_err() {
+            if out
+                .send(GraphEvent::Session { source_uri }.into())
+                .await
+                .is_err()
+            {
                 return Err(SourceError::PipelineClosed);
             }
             let started = tokio::time::Instant::now();
@@ -447,10 +517,11 @@ impl SynapTaskSource {
             Some(Inbound::Closed(reason)) => return Ok(Some(Stop::Lost(reason))),
             Some(Inbound::Diff(payload, _)) => {
                 inc(&metrics().source_events_total);
-                SourceEvent::Diff {
+                GraphEvent::Diff {
                     payload,
                     trace: TraceContext::new_root(),
                 }
+                .into()
             }
             Some(Inbound::BadDiff { raw, reason }) => SourceEvent::Malformed {
                 event: "graph:diff".into(),
@@ -564,7 +635,7 @@ impl SynapTaskSource {
                                 let snapshot = !poll || diffs_lost;
                                 for g in gaps {
                                     inc(&metrics().gaps_total);
-                                    let ev = SourceEvent::Gap {
+                                    let ev = GraphEvent::Gap {
                                         scope: g.scope,
                                         from_op_id: g.from_op_id,
                                         oldest_available_op_id: g.oldest_available_op_id,

@@ -232,9 +232,9 @@ impl Reader {
     }
 
     /// Sends an event to the pipeline.
-    pub async fn send(&self, ev: SourceEvent) -> Result<(), SourceError> {
+    pub async fn send(&self, ev: impl Into<SourceEvent>) -> Result<(), SourceError> {
         self.out
-            .send(ev)
+            .send(ev.into())
             .await
             .map_err(|_| SourceError::PipelineClosed)
     }

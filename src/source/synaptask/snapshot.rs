@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{json, Map, Value};
 
 use super::reads::{ReadError, Reader};
+use super::GraphEvent;
 use crate::metrics::{inc, metrics};
 use crate::progress::Progress;
 use crate::record::TraceContext;
@@ -55,7 +56,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         per_page,
         r.cfg.read_interval(),
     );
-    r.send(SourceEvent::SnapshotStart).await?;
+    r.send(GraphEvent::SnapshotStart).await?;
     loop {
         let mut request = json!({"limit": limit, "offset": offset});
         if let Some(root) = &root {
@@ -79,7 +80,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
                 .filter_map(|(k, m)| m.get("id").and_then(Value::as_str).map(|id| k.key(id))),
         );
         inc(&metrics().source_events_total);
-        r.send(SourceEvent::SnapshotPage {
+        r.send(GraphEvent::SnapshotPage {
             items,
             trace: trace.clone(),
         })
@@ -120,11 +121,9 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         secs = started.elapsed().as_secs_f64(),
         "snapshot read"
     );
-    Ok(SnapshotEnd::Done(SourceEvent::SnapshotDone {
-        seen,
-        trash,
-        trace,
-    }))
+    Ok(SnapshotEnd::Done(
+        GraphEvent::SnapshotDone { seen, trash, trace }.into(),
+    ))
 }
 
 /// `trash:page` until done. `Err(NotImplemented)` when the server lacks the event.
