@@ -274,7 +274,6 @@ struct PendingGap {
     reason: String,
 }
 
-/// The single task that applies source events in order.
 /// The pipeline's input: the sources' channel, and the events taken out of it but set aside
 /// while live diffs went ahead of a long history page ([`Pipeline::let_live_diffs_ahead`]).
 struct Inbox {
@@ -316,6 +315,7 @@ impl Inbox {
     }
 }
 
+/// The single task that applies source events in order.
 struct Pipeline {
     inbox: Inbox,
     view: View,

@@ -449,6 +449,14 @@ pub fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// [`header_safe`] for an owned value: a clean one is kept as it is, not copied.
+pub fn into_header_safe(s: String) -> String {
+    if let std::borrow::Cow::Owned(escaped) = header_safe(&s) {
+        return escaped;
+    }
+    s
+}
+
 /// A stable 64-bit FNV-1a hash, for ids of records that have no version (dead letters).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -491,6 +499,8 @@ mod tests {
         assert!(!is_token(&"x".repeat(257)));
         assert_eq!(header_safe("2026-01-01T00:00:00Z"), "2026-01-01T00:00:00Z");
         assert_eq!(header_safe("a\r\nb\0"), "a%0D%0Ab%00");
+        assert_eq!(into_header_safe("a\r\nb\0".into()), "a%0D%0Ab%00");
+        assert_eq!(into_header_safe("plain".into()), "plain");
     }
 
     #[test]

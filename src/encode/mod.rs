@@ -10,7 +10,7 @@ pub mod registry;
 use std::sync::Arc;
 
 use crate::normalize::Group;
-use crate::record::{header_safe, Body, EntityKind, Record};
+use crate::record::{header_safe, into_header_safe, Body, EntityKind, Record};
 use crate::sink::{Message, Route};
 
 /// A sink's body format.
@@ -88,15 +88,7 @@ fn headers_traced(
         ),
     ]
     .into_iter()
-    .map(|(k, v)| {
-        // Most values are clean: kept as they are rather than copied once more.
-        let v = if v.bytes().any(|b| b.is_ascii_control()) {
-            header_safe(&v).into_owned()
-        } else {
-            v
-        };
-        (k.to_string(), v)
-    })
+    .map(|(k, v)| (k.to_string(), into_header_safe(v)))
     .collect()
 }
 
