@@ -120,12 +120,8 @@ async fn connector_run(
     )
     .await
     .expect("simulator");
-    let token_file = dir.join(format!("{sink}.token"));
-    std::fs::write(&token_file, TOKEN).expect("token file");
-    let mut cfg = Config::default();
-    cfg.source.url = handle.url();
-    cfg.source.token_env = String::new();
-    cfg.source.token_file = Some(token_file);
+    let mut cfg =
+        support::in_process_config(handle.url(), TOKEN, &dir.join(format!("{sink}.token")));
     // Hold every pushed diff: the bench measures the pipeline, not the overflow path.
     cfg.source.diff_buffer = events as usize + 1;
     configure(&mut cfg);
@@ -258,9 +254,7 @@ fn main() {
         if std::env::var("BENCH_ONLY").as_deref() == Ok("nats") {
             let url = nats.url();
             let run = connector_run("nats-jetstream", events, dir.path(), |c| {
-                c.sinks.stdout.enabled = false;
-                c.sinks.nats.enabled = true;
-                c.sinks.nats.url = url.clone();
+                support::use_jetstream(c, &url)
             })
             .await;
             println!(
@@ -304,17 +298,13 @@ fn main() {
         for _ in 0..rounds {
             json_runs.push(
                 connector_run("kafka", events, dir.path(), |c| {
-                    c.sinks.stdout.enabled = false;
-                    c.sinks.kafka.enabled = true;
-                    c.sinks.kafka.brokers = bootstrap.clone();
+                    support::use_kafka(c, &bootstrap)
                 })
                 .await,
             );
             avro_runs.push(
                 connector_run("kafka-avro", events, dir.path(), |c| {
-                    c.sinks.stdout.enabled = false;
-                    c.sinks.kafka.enabled = true;
-                    c.sinks.kafka.brokers = bootstrap.clone();
+                    support::use_kafka(c, &bootstrap);
                     c.sinks.kafka.format = Some(taskstream::config::BodyFormat::Avro);
                     c.schema_registry.url = Some(registry_url.clone());
                 })
@@ -329,9 +319,7 @@ fn main() {
         let avro_run = median(&mut avro_runs);
         let url = nats.url();
         let nats_run = connector_run("nats-jetstream", events, dir.path(), |c| {
-            c.sinks.stdout.enabled = false;
-            c.sinks.nats.enabled = true;
-            c.sinks.nats.url = url.clone();
+            support::use_jetstream(c, &url)
         })
         .await;
         let n = kafka_run.records.max(10_000);

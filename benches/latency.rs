@@ -106,12 +106,11 @@ async fn measure(
     )
     .await
     .expect("simulator");
-    let token_file = dir.join(format!("{sink}-{rate}.token"));
-    std::fs::write(&token_file, TOKEN).expect("token file");
-    let mut cfg = Config::default();
-    cfg.source.url = handle.url();
-    cfg.source.token_env = String::new();
-    cfg.source.token_file = Some(token_file);
+    let mut cfg = support::in_process_config(
+        handle.url(),
+        TOKEN,
+        &dir.join(format!("{sink}-{rate}.token")),
+    );
     if let Some(ms) = std::env::var("BENCH_HISTORY_INTERVAL_MS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -228,18 +227,14 @@ fn main() {
             let bootstrap = tansu.bootstrap();
             outcomes.push(
                 measure("kafka", rate, dir.path(), |c| {
-                    c.sinks.stdout.enabled = false;
-                    c.sinks.kafka.enabled = true;
-                    c.sinks.kafka.brokers = bootstrap;
+                    support::use_kafka(c, &bootstrap)
                 })
                 .await,
             );
             let url = nats.url();
             outcomes.push(
                 measure("nats-jetstream", rate, dir.path(), |c| {
-                    c.sinks.stdout.enabled = false;
-                    c.sinks.nats.enabled = true;
-                    c.sinks.nats.url = url;
+                    support::use_jetstream(c, &url)
                 })
                 .await,
             );

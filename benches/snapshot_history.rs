@@ -14,6 +14,9 @@
 //!
 //! Run: `cargo bench --bench snapshot_history` (no broker needed: records go to /dev/null).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use taskstream::app::{self, RunOptions};
@@ -58,12 +61,7 @@ async fn http_post(port: u16, path: &str) {
 }
 
 fn connector_config(url: String, window_ms: u64, dir: &std::path::Path) -> Config {
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).expect("token file");
-    let mut cfg = Config::default();
-    cfg.source.url = url;
-    cfg.source.token_env = String::new();
-    cfg.source.token_file = Some(token_file);
+    let mut cfg = support::in_process_config(url, TOKEN, &dir.join("token"));
     cfg.source.read_window_ms = window_ms;
     cfg.source.history_interval_ms = 0;
     cfg.source.reconcile_interval_secs = 0;

@@ -2,11 +2,12 @@
 //! the same state), and compares what reached a broker with the simulator's `/truth`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use taskstream::config::Config;
 
 /// A connector config for the simulator at `url`, writing JSON lines to `{dir}/records.jsonl`,
 /// with its state in `{dir}`; `extra_source` is appended to `[source]`.
@@ -399,4 +400,30 @@ pub fn wait_until_matches(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// An in-process connector config (for `taskstream::app::run`) reading the simulator at `url`,
+/// with `token` written to `token_file`; sinks as the defaults have them until a caller
+/// changes them (see [`use_kafka`], [`use_jetstream`]).
+pub fn in_process_config(url: String, token: &str, token_file: &Path) -> Config {
+    std::fs::write(token_file, token).expect("token file");
+    let mut cfg = Config::default();
+    cfg.source.url = url;
+    cfg.source.token_env = String::new();
+    cfg.source.token_file = Some(token_file.to_path_buf());
+    cfg
+}
+
+/// Publishes to Kafka at `brokers` only.
+pub fn use_kafka(cfg: &mut Config, brokers: &str) {
+    cfg.sinks.stdout.enabled = false;
+    cfg.sinks.kafka.enabled = true;
+    cfg.sinks.kafka.brokers = brokers.to_string();
+}
+
+/// Publishes to NATS JetStream at `url` only.
+pub fn use_jetstream(cfg: &mut Config, url: &str) {
+    cfg.sinks.stdout.enabled = false;
+    cfg.sinks.nats.enabled = true;
+    cfg.sinks.nats.url = url.to_string();
 }

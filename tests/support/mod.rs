@@ -15,7 +15,10 @@ mod registry;
 mod sim;
 mod tansu;
 
-pub use connector::{file_config, read_file_sink, wait_until_matches, Connector, Latest, Seen};
+pub use connector::{
+    file_config, in_process_config, read_file_sink, use_jetstream, use_kafka, wait_until_matches,
+    Connector, Latest, Seen,
+};
 pub use nats::{jetstream_messages, read_jetstream, Nats};
 pub use registry::Registry;
 pub use sim::{http_json, SimProcess};
