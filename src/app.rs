@@ -4,7 +4,7 @@
 //! One task applies source events in order, so the view, record ids and checkpoint ops stay
 //! consistent without locks; the sources and the metrics endpoint run beside it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -332,7 +332,7 @@ struct Pipeline {
     reconcile_requested: bool,
     /// A snapshot is being read: keys changed meanwhile count as seen by it.
     snapshot_active: bool,
-    touched: HashSet<String>,
+    touched: normalize::SeenKeys,
     /// Whether a snapshot was completed before (later ones count what they repair).
     snapshot_before: bool,
     /// Partial diffs of entities not known yet, oldest first, bounded by [`PENDING_BYTES`].
@@ -360,6 +360,15 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    /// Makes the view hold the states of `keys` before an event touching them is normalised
+    /// (reading them from the store when they are not in memory), after letting it know which
+    /// of its states the store now has.
+    fn prefetch<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) -> Result<(), AppError> {
+        self.view.delivered(self.delivery.take_committed());
+        self.view.prefetch(keys)?;
+        Ok(())
+    }
+
     fn done(&self) -> bool {
         self.max_records.is_some_and(|m| self.summary.records >= m)
     }
@@ -392,14 +401,14 @@ impl Pipeline {
         if self.snapshot_active {
             for op in &group.ops {
                 if let CheckpointOp::Upsert { key, .. } | CheckpointOp::Remove { key } = op {
-                    self.touched.insert(key.clone());
+                    self.touched.insert(key);
                 }
             }
         }
         if let Some(journal) = &mut self.journal {
             journal.append(&group.ops)?;
             if journal.wants_compaction() {
-                let keep = self.view.undelivered(self.delivery.checkpoint());
+                let keep = self.view.undelivered();
                 journal.compact(keep.iter().map(|(k, p)| (k, p)))?;
             }
         }
@@ -582,6 +591,11 @@ impl Pipeline {
     async fn retry_held(&mut self, after_snapshot: bool) -> Result<(), AppError> {
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
+        let keys: Vec<String> = held
+            .iter()
+            .filter_map(|h| Some(h.kind.key(h.entity.get("id")?.as_str()?)))
+            .collect();
+        self.prefetch(keys.iter().map(String::as_str))?;
         tracing::debug!(held = held.len(), after_snapshot, "retrying held diffs");
         let (mut unknown, mut skipping, mut given_up) = (0usize, 0usize, 0usize);
         for mut h in held {
@@ -734,6 +748,8 @@ impl Pipeline {
                 self.touched.clear();
             }
             GraphEvent::SnapshotPage { items, trace } => {
+                let keys = entity_keys(&items);
+                self.prefetch(keys.iter().map(String::as_str))?;
                 for (kind, entity) in items {
                     let o = normalize::apply_entity(
                         &mut self.view,
@@ -755,8 +771,11 @@ impl Pipeline {
                 trace,
             } => {
                 self.retry_held(true).await?;
-                seen.extend(self.touched.drain());
+                seen.merge(&self.touched);
+                self.touched.clear();
                 self.snapshot_active = false;
+                self.view.delivered(self.delivery.take_committed());
+                self.view.prefetch_unseen(&seen, trash.as_ref())?;
                 let d = normalize::missing_after_snapshot(
                     &mut self.view,
                     &self.ctx,
@@ -797,7 +816,7 @@ impl Pipeline {
                 self.delivery
                     .submit(Vec::new(), vec![CheckpointOp::SnapshotComplete])
                     .await?;
-                tracing::info!(entities = self.view.len(), "snapshot merged");
+                tracing::info!(states_in_memory = self.view.len(), "snapshot merged");
             }
             GraphEvent::Diff { mut payload, trace } => {
                 match normalize::take_diff_entries(&mut payload) {
@@ -827,10 +846,12 @@ impl Pipeline {
                                 self.submit(g).await?;
                             }
                         }
+                        let keys = entity_keys(&entries);
+                        self.prefetch(keys.iter().map(String::as_str))?;
                         for (kind, entity) in entries {
                             if self.snapshot_active {
                                 if let Some(id) = entity.get("id").and_then(Value::as_str) {
-                                    self.touched.insert(kind.key(id));
+                                    self.touched.insert(&kind.key(id));
                                 }
                             }
                             if let Some(root) = &self.scope_root {
@@ -863,6 +884,8 @@ impl Pipeline {
                 trace,
             } => {
                 for batch in batches {
+                    let keys = normalize::history::batch_keys(&batch);
+                    self.prefetch(keys.iter().map(String::as_str))?;
                     match normalize::history::apply_batch(
                         &mut self.view,
                         &self.ctx,
@@ -935,6 +958,14 @@ impl Pipeline {
     }
 }
 
+/// The keys of entities (`node:<id>`, `link:<id>`); entries without an id have none.
+fn entity_keys(items: &[(EntityKind, Map<String, Value>)]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|(kind, e)| Some(kind.key(e.get("id")?.as_str()?)))
+        .collect()
+}
+
 /// What a finished source task means for the run: its own error, or a panic as an error.
 fn source_outcome(
     joined: Result<Result<(), SourceError>, tokio::task::JoinError>,
@@ -973,16 +1004,21 @@ pub async fn run(
         },
     )?;
     let checkpoint = delivery.checkpoint();
+    let delivered = delivery.reader();
+    let delivered_entities = delivered.count()?;
     tracing::info!(
-        entities = checkpoint.entities.len(),
+        entities = delivered_entities,
         snapshot_complete = checkpoint.snapshot_complete,
         "checkpoint loaded"
     );
     let p_store = delivery.store();
-    let mut view = View::from_checkpoint(checkpoint);
+    let mut view = View::new(
+        Arc::clone(&delivered),
+        cfg.state.cache_mb.saturating_mul(1024 * 1024),
+    );
     let journal = match cfg.state_path() {
         Some(path) => {
-            let (journal, published) = Journal::open(&Journal::path_beside(path), checkpoint)?;
+            let (journal, published) = Journal::open(&Journal::path_beside(path), &*delivered)?;
             if !published.is_empty() {
                 tracing::info!(
                     entities = published.len(),
@@ -995,7 +1031,7 @@ pub async fn run(
         None => None,
     };
     let source = source
-        .expecting(checkpoint.entities.len() as u64)
+        .expecting(delivered_entities)
         .resume_from(&checkpoint.history, checkpoint.snapshot_complete)
         .with_attempt_log(delivery.store(), &checkpoint.connects, &checkpoint.reads);
     let snapshot_before = checkpoint.snapshot_complete;
@@ -1073,7 +1109,7 @@ pub async fn run(
         catch_up_requested: false,
         reconcile_requested: false,
         snapshot_active: false,
-        touched: HashSet::new(),
+        touched: normalize::SeenKeys::default(),
         snapshot_before,
         held: VecDeque::new(),
         held_bytes: 0,

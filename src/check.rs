@@ -45,12 +45,11 @@ pub async fn check(cfg: &Config) -> (Vec<Finding>, Option<AppError>) {
     };
     note("config", Ok("valid".into()), &mut out);
     note("source", check_source(cfg).await, &mut out);
-    let store = app::open_store(cfg).and_then(|s| s.load());
+    let store = app::open_store(cfg).and_then(|s| Ok((s.load()?, s.reader().count()?)));
     let state = match (store, cfg.state_path()) {
-        (Ok(cp), Some(p)) => Ok(format!(
-            "{}: {} entities delivered, snapshot complete: {}",
+        (Ok((cp, entities)), Some(p)) => Ok(format!(
+            "{}: {entities} entities delivered, snapshot complete: {}",
             p.display(),
-            cp.entities.len(),
             cp.snapshot_complete
         )),
         (Ok(_), None) => Ok("in memory (state.path unset): every start is a first start".into()),

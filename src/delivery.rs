@@ -29,7 +29,9 @@ use crate::backoff::Backoff;
 use crate::metrics::{self, metrics};
 use crate::metrics::{SinkLabels, SinkName};
 use crate::sink::{AckFuture, Message, Route, Sink, SinkError};
-use crate::state::{apply_op, Checkpoint, CheckpointOp, CheckpointStore, StateError};
+use crate::state::{
+    apply_op, Checkpoint, CheckpointOp, CheckpointStore, EntityKey, EntityReader, StateError,
+};
 use crate::telemetry::RecordSpan;
 
 /// First wait before retrying an `enqueue` that failed with a retryable error.
@@ -241,6 +243,11 @@ pub struct Delivery {
     /// Ops of complete groups at the head, waiting for a store transaction, in order.
     ready: VecDeque<CheckpointOp>,
     commit: Option<Commit>,
+    /// Reads the delivered entities (the store's reader).
+    reader: Arc<dyn EntityReader>,
+    /// Entity versions (`None`: removals) committed since [`Delivery::take_committed`] last
+    /// took them.
+    committed: Vec<(EntityKey, Option<u64>)>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -268,7 +275,10 @@ impl Delivery {
         cfg: DeliveryConfig,
     ) -> Result<Self, DeliveryError> {
         let checkpoint = store.load()?;
+        let reader = store.reader();
         Ok(Self {
+            reader,
+            committed: Vec::new(),
             sink_metrics: sinks
                 .iter()
                 .map(|s| Arc::new(SinkMetrics::of(s.name())))
@@ -402,6 +412,17 @@ impl Delivery {
     /// next `submit`; until then the store is at most that one transaction ahead).
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
+    }
+
+    /// Reads the delivered entities: what the store has committed.
+    pub fn reader(&self) -> Arc<dyn EntityReader> {
+        Arc::clone(&self.reader)
+    }
+
+    /// The entity versions committed to the store since the last call, in commit order: the
+    /// working view may then let go of those states (they can be read back).
+    pub fn take_committed(&mut self) -> Vec<(EntityKey, Option<u64>)> {
+        std::mem::take(&mut self.committed)
     }
 
     fn group_mut(&mut self, seq: u64) -> Option<&mut Group> {
@@ -660,6 +681,13 @@ impl Delivery {
         }
         for op in ops {
             apply_op(&mut self.checkpoint, op);
+            match op {
+                CheckpointOp::Upsert { key, version, .. } => {
+                    self.committed.push((key.clone(), Some(*version)));
+                }
+                CheckpointOp::Remove { key } => self.committed.push((key.clone(), None)),
+                _ => {}
+            }
         }
         metrics::inc(&metrics().checkpoint_commits_total);
         tracing::debug!(ops = ops.len(), "checkpoint committed");
@@ -823,6 +851,10 @@ mod tests {
             self.inner.load()
         }
 
+        fn reader(&self) -> Arc<dyn EntityReader> {
+            self.inner.reader()
+        }
+
         fn apply(&mut self, ops: &[CheckpointOp]) -> Result<(), StateError> {
             std::thread::sleep(self.rec.delay);
             {
@@ -935,14 +967,23 @@ mod tests {
         a.ack("m1"); // one sink is not enough
         settle(&mut d).await;
         assert_eq!(d.in_flight(), 1);
-        assert!(d.checkpoint().entities.is_empty());
+        assert_eq!(d.reader().count().unwrap(), 0);
+        assert!(d.take_committed().is_empty());
         assert!(rec.batch_sizes().is_empty());
 
         b.ack("m1");
         assert!(d.next_ack().await.unwrap());
         assert_eq!(rec.all_ops(), vec![op("node:1", 1), op("node:2", 1)]);
         assert_eq!(rec.batch_sizes(), vec![2]);
-        assert_eq!(d.checkpoint().entities.len(), 2);
+        assert_eq!(d.reader().count().unwrap(), 2);
+        assert_eq!(
+            d.take_committed(),
+            vec![
+                ("node:1".to_string(), Some(1)),
+                ("node:2".to_string(), Some(1))
+            ]
+        );
+        assert!(d.take_committed().is_empty());
         assert_eq!(d.in_flight(), 0);
         assert!(!d.next_ack().await.unwrap());
     }
@@ -989,7 +1030,7 @@ mod tests {
             apply_op(&mut expected, o);
         }
         assert_eq!(d.checkpoint(), &expected);
-        assert_eq!(d.checkpoint().entities["node:1"].version, 2);
+        assert_eq!(d.reader().get("node:1").unwrap().unwrap().version, 2);
     }
 
     #[tokio::test]
@@ -1044,10 +1085,11 @@ mod tests {
         assert_eq!(d.checkpoint().jobs["c"], 199);
         assert!(metrics().checkpoint_commits_total.get() > commits_before);
         drop(d);
-        let reopened = RedbStore::open(&path).unwrap().load().unwrap();
-        assert_eq!(reopened.jobs["c"], 199);
-        assert_eq!(reopened.entities.len(), 17);
-        assert_eq!(reopened.entities["node:16"].version, 186);
+        let reopened = RedbStore::open(&path).unwrap();
+        assert_eq!(reopened.load().unwrap().jobs["c"], 199);
+        let entities = reopened.reader();
+        assert_eq!(entities.count().unwrap(), 17);
+        assert_eq!(entities.get("node:16").unwrap().unwrap().version, 186);
     }
 
     #[tokio::test]
@@ -1307,7 +1349,7 @@ mod tests {
         store.apply(&[op("node:1", 4), job(9)]).unwrap();
         let d = Delivery::new(vec![], Box::new(store), DeliveryConfig::default()).unwrap();
         assert_eq!(d.checkpoint().jobs["c"], 9);
-        assert_eq!(d.checkpoint().entities["node:1"].version, 4);
+        assert_eq!(d.reader().get("node:1").unwrap().unwrap().version, 4);
 
         fn assert_send<T: Send>(_: &T) {}
         let mut d = d;
@@ -1322,6 +1364,9 @@ mod tests {
         impl CheckpointStore for Unreadable {
             fn load(&self) -> Result<Checkpoint, StateError> {
                 Err(StateError::Corrupt("node:1: bad".into()))
+            }
+            fn reader(&self) -> Arc<dyn EntityReader> {
+                MemoryStore::default().reader()
             }
             fn apply(&mut self, _: &[CheckpointOp]) -> Result<(), StateError> {
                 Ok(())

@@ -58,7 +58,7 @@ fn open(cfg: &Config) -> Result<(RedbStore, PathBuf), OffsetsError> {
 }
 
 /// The positions as JSON: snapshot state, entity count, history per scope, job positions.
-pub fn positions(cp: &Checkpoint, path: &Path) -> Value {
+pub fn positions(cp: &Checkpoint, entities: u64, path: &Path) -> Value {
     let mut history: Vec<(&String, &u64)> = cp.history.iter().collect();
     history.sort();
     let mut jobs: Vec<Value> = cp
@@ -73,7 +73,7 @@ pub fn positions(cp: &Checkpoint, path: &Path) -> Value {
     json!({
         "state": path.display().to_string(),
         "snapshotComplete": cp.snapshot_complete,
-        "entities": cp.entities.len(),
+        "entities": entities,
         "history": history.iter().map(|(s, op)| json!({"scope": s, "opId": op})).collect::<Vec<_>>(),
         "jobs": jobs,
     })
@@ -82,7 +82,7 @@ pub fn positions(cp: &Checkpoint, path: &Path) -> Value {
 /// `offsets show`: the positions as JSON, or as a table.
 pub fn show(cfg: &Config, as_json: bool) -> Result<String, OffsetsError> {
     let (store, path) = open(cfg)?;
-    let p = positions(&store.load()?, &path);
+    let p = positions(&store.load()?, store.reader().count()?, &path);
     if as_json {
         return Ok(p.to_string());
     }
@@ -147,7 +147,7 @@ pub fn reset(cfg: &Config, which: Which, scope: Option<&str>) -> Result<String, 
                 ops,
                 format!(
                     "{} entities and {} history positions forgotten: the next run takes a full snapshot and publishes every entity again",
-                    cp.entities.len(),
+                    store.reader().count()?,
                     cp.history.len()
                 ),
             )
@@ -234,8 +234,10 @@ mod tests {
 
         reset(&cfg, Which::Jobs, None)?;
         reset(&cfg, Which::Synaptask, None)?;
-        let cp = RedbStore::open(cfg.state_path().unwrap())?.load()?;
-        assert!(cp.entities.is_empty() && !cp.snapshot_complete && cp.history.is_empty());
+        let store = RedbStore::open(cfg.state_path().unwrap())?;
+        let cp = store.load()?;
+        assert_eq!(store.reader().count()?, 0);
+        assert!(!cp.snapshot_complete && cp.history.is_empty());
         assert!(cp.jobs.is_empty());
         Ok(())
     }

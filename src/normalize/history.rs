@@ -57,6 +57,19 @@ fn op_entity(code: i64) -> Option<EntityKind> {
     }
 }
 
+/// The entity keys a history batch's ops touch (for [`super::View::prefetch`]).
+pub fn batch_keys(batch: &Map<String, Value>) -> Vec<String> {
+    let Some(Value::Array(ops)) = batch.get("ops") else {
+        return Vec::new();
+    };
+    ops.iter()
+        .filter_map(|op| {
+            let kind = op_entity(op.get("type").and_then(Value::as_i64)?)?;
+            Some(kind.key(op.get("entityId").and_then(Value::as_str)?))
+        })
+        .collect()
+}
+
 fn entity_type_name(code: i64) -> &'static str {
     match code {
         0..=9 => "node",

@@ -3,121 +3,26 @@
 //! record their delivery.
 //!
 //! The working [`View`] holds the latest full state of every entity seen so far, delivered or
-//! not; it is what turns a partial diff into `before` / `after` / `changed`. Versions only go
+//! not (part of it read back from the store as events need it, [`view`]); it is what turns a
+//! partial diff into `before` / `after` / `changed`. Versions only go
 //! up: an entry whose version is not newer than the view's is stale and produces nothing, which
 //! is how snapshot pages and buffered diffs merge without ever going back.
 
 pub mod history;
+mod view;
 
-use std::collections::{HashMap, HashSet};
+pub use view::{Known, SeenKeys, View};
+
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::record::{fnv1a, Body, Change, EntityKind, Origin, Record, TraceContext};
-use crate::state::{Checkpoint, CheckpointOp};
+use crate::state::{is_trashed, CheckpointOp};
 
 /// Fields that change with every version and so say nothing on their own.
 const BOOKKEEPING: &[&str] = &["id", "version", "lastEditedTime"];
-
-/// The latest known state of one entity.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Known {
-    /// Its version.
-    pub version: u64,
-    /// Its full state (camelCase fields as the API sends them; `inTrash: true` while trashed),
-    /// shared with the records and checkpoint ops that carry it.
-    pub state: Arc<Map<String, Value>>,
-}
-
-/// The working view: every entity's latest known state, keyed `node:<id>` / `link:<id>`.
-#[derive(Debug, Default, Clone)]
-pub struct View {
-    entities: HashMap<String, Known>,
-    /// Purged entities and the version of their purge, so a stale page cannot resurrect them.
-    deleted: HashMap<String, u64>,
-    /// Entities known only from a trash listing (published as trashed, never seen whole): kept
-    /// apart so that a partial change cannot be merged onto a state without a title or tags,
-    /// while a purge or a whole restore still finds them.
-    sketches: HashMap<String, Known>,
-    /// After a restart: versions published but not delivered before it, newer than `entities`
-    /// (from the published journal, [`crate::state::journal`]).
-    published: HashMap<String, Known>,
-}
-
-impl View {
-    /// The view a restart begins with: exactly what was delivered.
-    pub fn from_checkpoint(cp: &Checkpoint) -> Self {
-        let mut view = Self::default();
-        for (k, e) in &cp.entities {
-            let known = Known {
-                version: e.version,
-                state: e.state.clone(),
-            };
-            let whole = split_key(k).is_some_and(|(kind, _)| looks_full(kind, &e.state));
-            if is_trashed(&e.state) && !whole {
-                view.sketches.insert(k.clone(), known);
-            } else {
-                view.entities.insert(k.clone(), known);
-            }
-        }
-        view
-    }
-
-    /// Overlays the versions a previous run published without their delivery being
-    /// acknowledged: changes newer than them start from them (see [`apply_entity`]).
-    pub fn remember_published(
-        &mut self,
-        published: impl IntoIterator<Item = (String, crate::state::journal::Published)>,
-    ) {
-        for (key, p) in published {
-            self.published.insert(
-                key,
-                Known {
-                    version: p.version,
-                    state: p.state,
-                },
-            );
-        }
-    }
-
-    /// Entities whose state in the view is newer than in `checkpoint` (published, not yet
-    /// delivered), with the remembered ones still ahead: what a journal compaction keeps.
-    pub fn undelivered(
-        &self,
-        checkpoint: &Checkpoint,
-    ) -> Vec<(String, crate::state::journal::Published)> {
-        let ahead = |k: &String, v: u64| checkpoint.entities.get(k).is_none_or(|d| d.version < v);
-        let mut out: HashMap<String, crate::state::journal::Published> = HashMap::new();
-        for (k, known) in self.published.iter().chain(self.entities.iter()) {
-            if ahead(k, known.version) && out.get(k).is_none_or(|p| p.version < known.version) {
-                out.insert(
-                    k.clone(),
-                    crate::state::journal::Published {
-                        version: known.version,
-                        state: known.state.clone(),
-                    },
-                );
-            }
-        }
-        out.into_iter().collect()
-    }
-
-    /// An entity's known state.
-    pub fn get(&self, key: &str) -> Option<&Known> {
-        self.entities.get(key)
-    }
-
-    /// Number of known entities (trashed included).
-    pub fn len(&self) -> usize {
-        self.entities.len()
-    }
-
-    /// Whether nothing is known.
-    pub fn is_empty(&self) -> bool {
-        self.entities.is_empty()
-    }
-}
 
 /// Where records come from, for the envelope.
 #[derive(Debug, Clone)]
@@ -151,13 +56,6 @@ pub enum Outcome {
     NeedsSnapshot,
     /// The entry itself is unusable.
     Invalid(String),
-}
-
-fn is_trashed(state: &Map<String, Value>) -> bool {
-    state
-        .get("inTrash")
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
 }
 
 /// Whether an entry carries a whole entity, as creations, restores and pages do. A partial
@@ -629,7 +527,7 @@ pub struct Disappearances {
 pub fn missing_after_snapshot(
     view: &mut View,
     ctx: &Ctx,
-    seen: &HashSet<String>,
+    seen: &SeenKeys,
     trash: Option<&HashMap<String, Map<String, Value>>>,
     scoped: bool,
     trace: &TraceContext,
@@ -678,7 +576,7 @@ pub fn missing_after_snapshot(
             // Published as trashed, but kept apart: a trash listing lacks most fields, and a
             // later restore must bring the whole entity (its diff, or a snapshot), not merge
             // `inTrash: false` onto this sketch.
-            if let Some(k) = view.entities.remove(key) {
+            if let Some(k) = view.entities.take(key) {
                 view.sketches.insert(key.clone(), k);
             }
         }
@@ -1173,14 +1071,20 @@ mod tests {
                 json!({"id": "n1", "version": v, "title": "t", "status": status, "createdTime": "2026-01-01T00:00:00Z"}),
             )
         };
-        let mut cp = Checkpoint::default();
-        cp.entities.insert(
-            "node:n1".into(),
-            crate::state::EntityState {
+        use crate::state::CheckpointStore;
+        let mut store = crate::state::MemoryStore::default();
+        store
+            .apply(&[CheckpointOp::Upsert {
+                key: "node:n1".into(),
                 version: 4,
                 state: Arc::new(node(4, 0)),
-            },
-        );
+            }])
+            .unwrap();
+        let restarted = || {
+            let mut view = View::new(store.reader(), 1 << 20);
+            view.prefetch(["node:n1"]).unwrap();
+            view
+        };
         let published = || {
             vec![(
                 "node:n1".to_string(),
@@ -1192,7 +1096,7 @@ mod tests {
         };
 
         // Only the newer state is known (a snapshot after history ran out): 2 -> 0.
-        let mut view = View::from_checkpoint(&cp);
+        let mut view = restarted();
         view.remember_published(published());
         let g = changed(apply_entity(
             &mut view,
@@ -1211,7 +1115,7 @@ mod tests {
 
         // History replays v5 first: it is published as the first time (0 -> 2, same id), then
         // v6 goes back (2 -> 0).
-        let mut view = View::from_checkpoint(&cp);
+        let mut view = restarted();
         view.remember_published(published());
         let g5 = changed(apply_entity(
             &mut view,
@@ -1240,7 +1144,7 @@ mod tests {
         }
 
         // Without the journal (the old behaviour) the snapshot says nothing about status.
-        let mut view = View::from_checkpoint(&cp);
+        let mut view = restarted();
         let g = changed(apply_entity(
             &mut view,
             &ctx(),
@@ -1420,7 +1324,7 @@ mod tests {
             Origin::Diff,
             &trace(),
         ));
-        let seen = HashSet::new();
+        let seen = SeenKeys::default();
         // No listing: a trashed entity cannot be judged.
         assert!(
             missing_after_snapshot(&mut view.clone(), &ctx(), &seen, None, false, &trace())
@@ -1459,7 +1363,7 @@ mod tests {
                 &trace(),
             ));
         }
-        let seen: HashSet<String> = ["node:a".to_string()].into();
+        let seen: SeenKeys = ["node:a"].into_iter().collect();
         let trash: HashMap<String, Map<String, Value>> = [(
             "node:b".to_string(),
             obj(json!({"id": "b", "inTrash": true, "version": 5})),
@@ -1500,7 +1404,7 @@ mod tests {
                 &trace(),
             ));
         }
-        let seen: HashSet<String> = ["node:a".to_string()].into();
+        let seen: SeenKeys = ["node:a"].into_iter().collect();
         let d = missing_after_snapshot(&mut view, &ctx(), &seen, None, false, &trace());
         assert_eq!(d.unresolved, ["node:b"]);
         assert_eq!(d.groups.len(), 1);
@@ -1544,7 +1448,7 @@ mod tests {
         )]
         .into();
         // The restore's key counts as seen (touched while the snapshot was read) ...
-        let seen: HashSet<String> = ["node:r".to_string()].into();
+        let seen: SeenKeys = ["node:r"].into_iter().collect();
         let d = missing_after_snapshot(
             &mut view.clone(),
             &ctx(),
@@ -1558,7 +1462,7 @@ mod tests {
         let d = missing_after_snapshot(
             &mut view,
             &ctx(),
-            &HashSet::new(),
+            &SeenKeys::default(),
             Some(&trash),
             false,
             &trace(),
@@ -1640,7 +1544,7 @@ mod tests {
         let d = missing_after_snapshot(
             &mut view,
             &ctx(),
-            &HashSet::new(),
+            &SeenKeys::default(),
             Some(&trash),
             false,
             &trace(),
@@ -1709,7 +1613,7 @@ mod tests {
                 &trace(),
             ));
         }
-        let seen: HashSet<String> = ["node:root".to_string(), "node:in".to_string()].into();
+        let seen: SeenKeys = ["node:root", "node:in"].into_iter().collect();
         // The user-wide listing has an entity of another branch: not ours to publish.
         let trash: HashMap<String, Map<String, Value>> = [(
             "node:elsewhere".to_string(),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{Checkpoint, CheckpointOp, StateError};
+use super::{CheckpointOp, EntityReader, StateError};
 
 /// Journal size that triggers a compaction.
 pub const COMPACT_AT: u64 = 256 * 1024 * 1024;
@@ -56,12 +56,13 @@ impl Journal {
         name.into()
     }
 
-    /// Reads the journal at `path` and keeps the entries newer than `checkpoint`, rewriting
-    /// the file with just those; returns the journal, open for appending, and the entries.
-    /// Lines that do not parse (a write cut short by a crash) are skipped.
+    /// Reads the journal at `path` and keeps the entries newer than the delivered ones
+    /// (`delivered`), rewriting the file with just those; returns the journal, open for
+    /// appending, and the entries. Lines that do not parse (a write cut short by a crash) are
+    /// skipped.
     pub fn open(
         path: &Path,
-        checkpoint: &Checkpoint,
+        delivered: &dyn EntityReader,
     ) -> Result<(Self, HashMap<String, Published>), StateError> {
         let mut latest: HashMap<String, Published> = HashMap::new();
         match std::fs::File::open(path) {
@@ -93,12 +94,13 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(path)(e)),
         }
-        latest.retain(|k, p| {
-            checkpoint
-                .entities
-                .get(k)
-                .is_none_or(|d| d.version < p.version)
-        });
+        let keys: Vec<&str> = latest.keys().map(String::as_str).collect();
+        let versions: HashMap<String, u64> = keys
+            .iter()
+            .zip(delivered.get_many(&keys)?)
+            .filter_map(|(k, d)| Some((k.to_string(), d?.version)))
+            .collect();
+        latest.retain(|k, p| versions.get(k).is_none_or(|d| *d < p.version));
         let journal = Self::rewrite(path, latest.iter())?;
         Ok((journal, latest))
     }
@@ -193,7 +195,7 @@ fn line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::EntityState;
+    use crate::state::CheckpointStore;
     use serde_json::json;
 
     fn state(v: Value) -> Arc<Map<String, Value>> {
@@ -212,7 +214,8 @@ mod tests {
     fn keeps_what_is_newer_than_the_checkpoint_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = Journal::path_beside(&dir.path().join("state.redb"));
-        let (mut j, found) = Journal::open(&path, &Checkpoint::default()).unwrap();
+        let mut store = crate::state::MemoryStore::default();
+        let (mut j, found) = Journal::open(&path, &*store.reader()).unwrap();
         assert!(found.is_empty());
         j.append(&[upsert("node:a", 4, 0), upsert("node:b", 1, 0)])
             .unwrap();
@@ -227,22 +230,10 @@ mod tests {
             .unwrap();
         drop(j);
 
-        let mut cp = Checkpoint::default();
-        cp.entities.insert(
-            "node:a".into(),
-            EntityState {
-                version: 4,
-                state: state(json!({"status": 0})),
-            },
-        );
-        cp.entities.insert(
-            "node:b".into(),
-            EntityState {
-                version: 1,
-                state: state(json!({"status": 0})),
-            },
-        );
-        let (_, found) = Journal::open(&path, &cp).unwrap();
+        store
+            .apply(&[upsert("node:a", 4, 0), upsert("node:b", 1, 0)])
+            .unwrap();
+        let (_, found) = Journal::open(&path, &*store.reader()).unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found["node:a"].version, 5);
         assert_eq!(found["node:a"].state["status"], 2);

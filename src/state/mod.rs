@@ -2,10 +2,15 @@
 //! first snapshot was fully delivered, the history position of each scope and the job-frame
 //! positions. Only the delivery window writes it; after a crash the
 //! connector starts from it and publishes exactly the differences (`CheckpointStore` seam).
+//!
+//! Entity states are the bulk of it (a million objects are gigabytes as parsed maps), so they
+//! are never loaded whole: [`Checkpoint`] holds the positions, and the entities are read one
+//! by one through an [`EntityReader`] (the working view's cache misses, a journal's baselines,
+//! the disappearance scan after a snapshot).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -14,11 +19,24 @@ pub mod journal;
 pub mod redb_store;
 
 /// `[state]`: where the delivered checkpoint is kept.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// The redb file; unset keeps the checkpoint in memory (every start is then a first start).
     pub path: Option<PathBuf>,
+    /// Megabytes of parsed entity states the working view keeps in memory besides those in
+    /// flight (least recently used go first; the rest are read back from the store when a
+    /// change needs them). Default 64.
+    pub cache_mb: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            cache_mb: 64,
+        }
+    }
 }
 
 /// An entity key: `node:<uuid>` or `link:<uuid>`.
@@ -33,11 +51,10 @@ pub struct EntityState {
     pub state: Arc<Map<String, Value>>,
 }
 
-/// Everything the checkpoint holds.
+/// The checkpoint's positions: everything it holds except the entities, which stay in the
+/// store ([`EntityReader`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Checkpoint {
-    /// Delivered entities (deleted ones removed).
-    pub entities: HashMap<EntityKey, EntityState>,
     /// Whether a complete snapshot has been delivered at least once.
     pub snapshot_complete: bool,
     /// Job-event stream positions: client id -> frames delivered.
@@ -153,10 +170,33 @@ pub enum StateError {
     Corrupt(String),
 }
 
+/// Read access to the delivered entities, shared with the pipeline while the delivery window
+/// writes (redb readers see the last committed transaction).
+pub trait EntityReader: Send + Sync {
+    /// The delivered state of `key`, if any.
+    fn get(&self, key: &str) -> Result<Option<EntityState>, StateError>;
+
+    /// The delivered states of `keys`, in order, read in one transaction.
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<EntityState>>, StateError> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+
+    /// Calls `f(key, version, trashed)` for every delivered entity, without parsing states
+    /// that are not trashed (`trashed`: the state has `inTrash: true`).
+    fn scan(&self, f: &mut dyn FnMut(&str, u64, bool)) -> Result<(), StateError>;
+
+    /// How many entities are delivered.
+    fn count(&self) -> Result<u64, StateError>;
+}
+
 /// Durable storage of the delivered checkpoint.
 pub trait CheckpointStore: Send {
-    /// Reads the whole checkpoint (at start-up).
+    /// Reads the checkpoint's positions (at start-up); entities are read through
+    /// [`CheckpointStore::reader`].
     fn load(&self) -> Result<Checkpoint, StateError>;
+
+    /// A reader of the delivered entities that sees every transaction committed by `apply`.
+    fn reader(&self) -> Arc<dyn EntityReader>;
 
     /// Applies ops in order in one durable transaction: when this returns Ok they survive a
     /// kill -9 of the process.
@@ -167,6 +207,43 @@ pub trait CheckpointStore: Send {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     checkpoint: Checkpoint,
+    entities: Arc<MemoryEntities>,
+}
+
+/// The entities of a [`MemoryStore`], shared with its readers.
+#[derive(Debug, Default)]
+pub struct MemoryEntities(RwLock<HashMap<EntityKey, EntityState>>);
+
+impl MemoryEntities {
+    fn read(
+        &self,
+    ) -> Result<std::sync::RwLockReadGuard<'_, HashMap<EntityKey, EntityState>>, StateError> {
+        self.0
+            .read()
+            .map_err(|_| StateError::Io("memory store lock poisoned by a panic".into()))
+    }
+}
+
+impl EntityReader for MemoryEntities {
+    fn get(&self, key: &str) -> Result<Option<EntityState>, StateError> {
+        Ok(self.read()?.get(key).cloned())
+    }
+
+    fn scan(&self, f: &mut dyn FnMut(&str, u64, bool)) -> Result<(), StateError> {
+        for (k, e) in self.read()?.iter() {
+            f(k, e.version, is_trashed(&e.state));
+        }
+        Ok(())
+    }
+
+    fn count(&self) -> Result<u64, StateError> {
+        Ok(self.read()?.len() as u64)
+    }
+}
+
+/// Whether a state says it is in the trash.
+pub fn is_trashed(state: &Map<String, Value>) -> bool {
+    state.get("inTrash").and_then(Value::as_bool) == Some(true)
 }
 
 impl CheckpointStore for MemoryStore {
@@ -174,30 +251,35 @@ impl CheckpointStore for MemoryStore {
         Ok(self.checkpoint.clone())
     }
 
+    fn reader(&self) -> Arc<dyn EntityReader> {
+        self.entities.clone()
+    }
+
     fn apply(&mut self, ops: &[CheckpointOp]) -> Result<(), StateError> {
+        let mut entities = self
+            .entities
+            .0
+            .write()
+            .map_err(|_| StateError::Io("memory store lock poisoned by a panic".into()))?;
         for op in ops {
+            apply_entity_op(&mut entities, op);
             apply_op(&mut self.checkpoint, op);
         }
         Ok(())
     }
 }
 
-/// Whether a delivered `incoming` version may replace the `current` one: a delivered version
-/// never goes back, whatever order ops arrive in. Every store decides with this.
-pub fn may_replace(current: Option<u64>, incoming: u64) -> bool {
-    current.is_none_or(|c| c <= incoming)
-}
-
-/// Applies one op to an in-memory checkpoint; stores share it so they agree on semantics.
-pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
+/// Applies an op's effect on the entities (none for the other ops) to an in-memory map, as
+/// the redb store does to its table.
+pub fn apply_entity_op(entities: &mut HashMap<EntityKey, EntityState>, op: &CheckpointOp) {
     match op {
         CheckpointOp::Upsert {
             key,
             version,
             state,
         } => {
-            if may_replace(cp.entities.get(key).map(|e| e.version), *version) {
-                cp.entities.insert(
+            if may_replace(entities.get(key).map(|e| e.version), *version) {
+                entities.insert(
                     key.clone(),
                     EntityState {
                         version: *version,
@@ -207,13 +289,26 @@ pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
             }
         }
         CheckpointOp::Remove { key } => {
-            cp.entities.remove(key);
+            entities.remove(key);
         }
+        CheckpointOp::ResetSnapshot => entities.clear(),
+        _ => {}
+    }
+}
+
+/// Whether a delivered `incoming` version may replace the `current` one: a delivered version
+/// never goes back, whatever order ops arrive in. Every store decides with this.
+pub fn may_replace(current: Option<u64>, incoming: u64) -> bool {
+    current.is_none_or(|c| c <= incoming)
+}
+
+/// Applies one op to the positions of an in-memory checkpoint (entity ops: see
+/// [`apply_entity_op`]); stores share it so they agree on semantics.
+pub fn apply_op(cp: &mut Checkpoint, op: &CheckpointOp) {
+    match op {
+        CheckpointOp::Upsert { .. } | CheckpointOp::Remove { .. } => {}
         CheckpointOp::SnapshotComplete => cp.snapshot_complete = true,
-        CheckpointOp::ResetSnapshot => {
-            cp.entities.clear();
-            cp.snapshot_complete = false;
-        }
+        CheckpointOp::ResetSnapshot => cp.snapshot_complete = false,
         CheckpointOp::SetHistory { scope, op_id } => match op_id {
             Some(op_id) => {
                 cp.history.insert(scope.clone(), *op_id);

@@ -17,13 +17,15 @@
 //! none of these rows yet.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
 };
 use serde_json::{Map, Value};
 
-use super::{Checkpoint, CheckpointOp, CheckpointStore, EntityState, StateError};
+use super::{Checkpoint, CheckpointOp, CheckpointStore, EntityReader, EntityState, StateError};
 
 const ENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entities");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -41,13 +43,70 @@ const FORMAT: u64 = 1;
 
 const VERSION_LEN: usize = 8;
 
-/// redb's default cache is 1 GiB; the checkpoint is read once at start-up and then only
-/// written, so a small cache is enough and keeps the connector's memory predictable.
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// redb's default cache is 1 GiB. Entity reads are the working view's cache misses (it keeps
+/// the parsed states it uses, `state.cache_mb`) and the pages they need are in the OS page
+/// cache anyway, so a small cache keeps the connector's memory predictable.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The delivered checkpoint in a redb file.
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
+}
+
+/// Reads delivered entities from a [`RedbStore`]'s file (redb's readers see the last commit and
+/// never wait for a writer).
+struct RedbReader {
+    db: Arc<Database>,
+}
+
+/// The serialised form of `"inTrash":true` as `serde_json` writes a state: a state without it
+/// is not trashed, one with it is parsed to make sure (the text may sit inside a string).
+const TRASHED: &[u8] = b"\"inTrash\":true";
+
+impl EntityReader for RedbReader {
+    fn get(&self, key: &str) -> Result<Option<EntityState>, StateError> {
+        Ok(self.get_many(&[key])?.pop().flatten())
+    }
+
+    fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<EntityState>>, StateError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(match entities.get(*key).map_err(io)? {
+                Some(guard) => {
+                    let (version, state) = decode_entity(key, guard.value())?;
+                    Some(EntityState {
+                        version,
+                        state: state.into(),
+                    })
+                }
+                None => None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn scan(&self, f: &mut dyn FnMut(&str, u64, bool)) -> Result<(), StateError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        for row in entities.iter().map_err(io)? {
+            let (key, value) = row.map_err(io)?;
+            let (key, value) = (key.value(), value.value());
+            let version = decode_version(key, value)?;
+            let json = &value[VERSION_LEN..];
+            let trashed = json.windows(TRASHED.len()).any(|w| w == TRASHED)
+                && super::is_trashed(&decode_entity(key, value)?.1);
+            f(key, version, trashed);
+        }
+        Ok(())
+    }
+
+    fn count(&self) -> Result<u64, StateError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let entities = txn.open_table(ENTITIES).map_err(io)?;
+        entities.len().map_err(io)
+    }
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -99,7 +158,7 @@ impl RedbStore {
             }
         }
         txn.commit().map_err(io)?;
-        Ok(Self { db })
+        Ok(Self { db: Arc::new(db) })
     }
 }
 
@@ -107,20 +166,6 @@ impl CheckpointStore for RedbStore {
     fn load(&self) -> Result<Checkpoint, StateError> {
         let txn = self.db.begin_read().map_err(io)?;
         let mut cp = Checkpoint::default();
-
-        let entities = txn.open_table(ENTITIES).map_err(io)?;
-        for row in entities.iter().map_err(io)? {
-            let (key, value) = row.map_err(io)?;
-            let key = key.value();
-            let (version, state) = decode_entity(key, value.value())?;
-            cp.entities.insert(
-                key.to_owned(),
-                EntityState {
-                    version,
-                    state: state.into(),
-                },
-            );
-        }
 
         let meta = txn.open_table(META).map_err(io)?;
         cp.snapshot_complete = meta
@@ -159,6 +204,12 @@ impl CheckpointStore for RedbStore {
         }
         cp.reads.sort_by_key(|(_, t)| *t);
         Ok(cp)
+    }
+
+    fn reader(&self) -> Arc<dyn EntityReader> {
+        Arc::new(RedbReader {
+            db: Arc::clone(&self.db),
+        })
     }
 
     fn apply(&mut self, ops: &[CheckpointOp]) -> Result<(), StateError> {
@@ -397,8 +448,13 @@ mod tests {
         mem.apply(&sample_ops())?;
         let loaded = store.load()?;
         assert_eq!(loaded, mem.load()?);
-        assert_eq!(loaded.entities["node:1"].version, 3);
-        assert!(!loaded.entities.contains_key("link:3"));
+        let (disk, ram) = (store.reader(), mem.reader());
+        for key in ["node:1", "node:2", "link:3"] {
+            assert_eq!(disk.get(key)?, ram.get(key)?, "{key}");
+        }
+        assert_eq!(disk.get("node:1")?.map(|e| e.version), Some(3));
+        assert_eq!(disk.get("link:3")?, None);
+        assert_eq!(disk.count()?, 2);
         assert!(loaded.snapshot_complete);
         assert_eq!(loaded.jobs["c1"], 7);
         assert_eq!(
@@ -419,8 +475,9 @@ mod tests {
         store.apply(&[upsert("node:1", 5, "five"), job(10)])?;
         store.apply(&[upsert("node:1", 4, "four"), job(3)])?;
         let cp = store.load()?;
-        assert_eq!(cp.entities["node:1"].version, 5);
-        assert_eq!(cp.entities["node:1"].state["title"], "five");
+        let one = store.reader().get("node:1")?.expect("delivered");
+        assert_eq!(one.version, 5);
+        assert_eq!(one.state["title"], "five");
         assert_eq!(cp.jobs["c1"], 10);
 
         // Equal versions replace, like `apply_op`.
@@ -435,6 +492,8 @@ mod tests {
             apply_op(&mut expected, &op);
         }
         assert_eq!(store.load()?, expected);
+        let again = store.reader().get("node:1")?.expect("delivered");
+        assert_eq!(again.state["title"], "five again");
         Ok(())
     }
 
@@ -489,11 +548,22 @@ mod tests {
             let txn = store.db.begin_write()?;
             txn.open_table(ENTITIES)?.insert(key, bytes)?;
             txn.commit()?;
-            let err = store.load().expect_err("corrupt value must not load");
+            let err = store
+                .reader()
+                .get(key)
+                .expect_err("corrupt value must not load");
             assert!(
                 matches!(err, StateError::Corrupt(ref m) if m.contains(key)),
                 "{err}"
             );
+            // The scan parses versions only (and trashed states).
+            if key == "node:short" {
+                let err = store
+                    .reader()
+                    .scan(&mut |_, _, _| {})
+                    .expect_err("a value without a version must not scan");
+                assert!(matches!(err, StateError::Corrupt(_)), "{err}");
+            }
             // An upsert over a value whose version cannot be read is refused too.
             if key == "node:short" {
                 let err = store
@@ -505,7 +575,40 @@ mod tests {
             txn.open_table(ENTITIES)?.remove(key)?;
             txn.commit()?;
         }
-        assert_eq!(store.load()?.entities.len(), 1);
+        assert_eq!(store.reader().count()?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn scan_tells_trashed_states_without_being_fooled_by_their_text() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut store = RedbStore::open(&dir.path().join("cp.redb"))?;
+        let with = |key: &str, v: Value| CheckpointOp::Upsert {
+            key: key.into(),
+            version: 2,
+            state: state(v).into(),
+        };
+        store.apply(&[
+            with("node:t", json!({"id": "t", "inTrash": true})),
+            with("node:a", json!({"id": "a", "inTrash": false})),
+            with("node:s", json!({"id": "s", "title": "\"inTrash\":true"})),
+            with("node:n", json!({"id": "n"})),
+        ])?;
+        let mut seen = Vec::new();
+        store
+            .reader()
+            .scan(&mut |k, v, trashed| seen.push((k.to_string(), v, trashed)))?;
+        seen.sort();
+        let expect = |k: &str, t| (k.to_string(), 2, t);
+        assert_eq!(
+            seen,
+            vec![
+                expect("node:a", false),
+                expect("node:n", false),
+                expect("node:s", false),
+                expect("node:t", true)
+            ]
+        );
         Ok(())
     }
 

@@ -9,8 +9,6 @@
 //! negative and fractional numbers, wrong types, deep nesting, non-object payloads.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
-
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use taskstream::encode::json::JsonEncoder;
@@ -313,7 +311,7 @@ pub fn target_diff(payload: &Value) {
 pub fn target_page(items: &[Map<String, Value>]) {
     let mut view = View::default();
     let trace = TraceContext::new_root();
-    let mut seen = HashSet::new();
+    let mut seen = normalize::SeenKeys::default();
     for (i, item) in items.iter().enumerate() {
         let kind = if i % 2 == 0 {
             EntityKind::Node
@@ -330,7 +328,7 @@ pub fn target_page(items: &[Map<String, Value>]) {
         ));
         if i % 3 == 0 {
             if let Some(id) = item.get("id").and_then(Value::as_str) {
-                seen.insert(kind.key(id));
+                seen.insert(&kind.key(id));
             }
         }
     }

@@ -21,7 +21,7 @@ pub mod reads;
 pub mod session;
 pub mod snapshot;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,7 +64,7 @@ pub enum GraphEvent {
     /// The snapshot is complete. Diffs that arrived meanwhile come after this event.
     SnapshotDone {
         /// Keys (`node:<id>`, `link:<id>`) every page listed.
-        seen: HashSet<String>,
+        seen: crate::normalize::SeenKeys,
         /// Trashed entities by key, from `trash:page`; `None` when there is no listing (the
         /// server lacks the event, or `source.trash_listing` is off).
         trash: Option<HashMap<String, Map<String, Value>>>,

@@ -9,7 +9,7 @@
 //! #6), so a server that caps pages below `limit` skips nothing, and a page that is empty while
 //! claiming `hasMore` ends the snapshot instead of looping.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
@@ -41,7 +41,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
     let started = std::time::Instant::now();
     let limit = r.cfg.page_limit;
     let mut offset: u64 = 0;
-    let mut seen = HashSet::new();
+    let mut seen = crate::normalize::SeenKeys::default();
     let mut trace;
     let mut pages = 0u32;
     // A branch-scoped source pages its branch; `branch:get` takes the same paging.
