@@ -261,12 +261,13 @@ impl View {
         };
         self.entities.trim(self.cache_bytes);
         let mut missing: Vec<&str> = Vec::new();
+        let mut asked: HashSet<&str> = HashSet::new();
         for key in keys {
             if self.entities.dirty.contains_key(key) || self.sketches.contains_key(key) {
                 continue;
             }
             // `get` marks it recently used.
-            if self.entities.clean.get(key).is_none() && !missing.contains(&key) {
+            if self.entities.clean.get(key).is_none() && asked.insert(key) {
                 missing.push(key);
             }
         }

@@ -215,6 +215,21 @@ impl Connector {
 impl Drop for Connector {
     fn drop(&mut self) {
         self.kill9();
+        // For debugging a failed test: `TASKSTREAM_TEST_KEEP=/some/dir` keeps a copy of the
+        // connector's directory (config, log, state, records) there.
+        if let Some(keep) = std::env::var_os("TASKSTREAM_TEST_KEEP") {
+            let to = PathBuf::from(keep).join(
+                self.dir
+                    .path()
+                    .file_name()
+                    .unwrap_or_else(|| std::ffi::OsStr::new("connector")),
+            );
+            let _ = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(self.dir.path())
+                .arg(&to)
+                .status();
+        }
     }
 }
 
