@@ -3,6 +3,7 @@
 # RSS one second after start, RSS once the snapshot is delivered, and the peak (VmHWM).
 # Uses the release binary; the simulator runs as its own process, so its memory is not counted.
 #   bash benches/memory.sh [NODES] [LINKS]     (default 60000 60000, about 118,000 objects)
+# STATE_CACHE_MB sets state.cache_mb (default: the connector's, 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:-60000}
@@ -27,6 +28,7 @@ url = "http://127.0.0.1:$sim_port"
 read_window_ms = 1000
 [state]
 path = "$dir/state.redb"
+${STATE_CACHE_MB:+cache_mb = $STATE_CACHE_MB}
 [sinks.stdout]
 enabled = true
 path = "/dev/null"

@@ -747,7 +747,12 @@ impl Pipeline {
                 self.snapshot_active = true;
                 self.touched.clear();
             }
-            GraphEvent::SnapshotPage { items, trace } => {
+            // The slot is freed when this arm ends: the source may then send another page.
+            GraphEvent::SnapshotPage {
+                items,
+                trace,
+                slot: _slot,
+            } => {
                 let keys = entity_keys(&items);
                 self.prefetch(keys.iter().map(String::as_str))?;
                 for (kind, entity) in items {
@@ -816,7 +821,7 @@ impl Pipeline {
                 self.delivery
                     .submit(Vec::new(), vec![CheckpointOp::SnapshotComplete])
                     .await?;
-                tracing::info!(states_in_memory = self.view.len(), "snapshot merged");
+                tracing::info!(view = ?self.view, "snapshot merged");
             }
             GraphEvent::Diff { mut payload, trace } => {
                 match normalize::take_diff_entries(&mut payload) {
@@ -1140,7 +1145,13 @@ pub async fn run(
             // Unbiased: a steady stream of acks must not starve input, nor input the acks.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = p.delivery.next_ack(), if p.delivery.in_flight() > 0 => { r?; }
+                r = p.delivery.next_ack(), if p.delivery.in_flight() > 0 => {
+                    r?;
+                    // Between events: delivered states leave memory now, not at the next
+                    // event, which may be long in coming.
+                    p.view.delivered(p.delivery.take_committed());
+                    p.view.trim();
+                }
                 ev = p.inbox.recv() => match ev {
                     // A full window (a broker down) blocks `handle`; shutdown must not wait
                     // for it. Dropping it half-way leaves that group unsealed, which only holds

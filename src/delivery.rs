@@ -329,6 +329,12 @@ impl Delivery {
         ops: Vec<CheckpointOp>,
         mut spans: Vec<Option<RecordSpan>>,
     ) -> Result<(), DeliveryError> {
+        // Acknowledged ops wait for the store, holding the states they carry; when the store
+        // falls two transactions behind, input waits for it too, so that memory stays bounded
+        // (a snapshot outran the store by 50,000 states before).
+        while self.ready.len() >= 2 * self.max_batch {
+            self.commit_one().await?;
+        }
         let seq = self.first_seq + self.groups.len() as u64;
         if !spans.is_empty() {
             spans.resize_with(msgs.len(), || None);
@@ -603,6 +609,24 @@ impl Delivery {
             .set(i64::try_from(self.lagging).unwrap_or(i64::MAX));
         let since = self.groups.front().map(|g| g.submitted);
         crate::metrics::set_oldest_pending(since);
+    }
+
+    /// Finishes the running commit (or starts one and finishes it), then starts the next:
+    /// one transaction of progress.
+    async fn commit_one(&mut self) -> Result<(), DeliveryError> {
+        let commit = match self.commit {
+            Some(ref mut commit) => commit,
+            None => match self.start_commit() {
+                Some(commit) => commit,
+                None => return Ok(()),
+            },
+        };
+        let ops = Arc::clone(&commit.ops);
+        let joined = (&mut commit.task).await;
+        self.commit = None;
+        self.finish_commit(&ops, joined)?;
+        self.start_commit();
+        Ok(())
     }
 
     /// Commits `ready` in transactions of up to `max_batch` ops, finishing first any commit
@@ -1262,6 +1286,23 @@ mod tests {
         d.drain().await.unwrap();
         assert_eq!(rec.batch_sizes(), vec![1, 5]);
         assert_eq!(d.checkpoint().jobs["c"], 6);
+    }
+
+    #[tokio::test]
+    async fn acknowledged_ops_wait_for_at_most_two_transactions() {
+        let rec = Recorder {
+            delay: Duration::from_millis(5),
+            ..Recorder::default()
+        };
+        // No sinks: every group is acknowledged at once, so only the store holds them back.
+        let mut d = Delivery::new(vec![], rec.store(), cfg(10, 3)).unwrap();
+        for g in 0..40 {
+            d.submit(vec![], vec![job(g)]).await.unwrap();
+            assert!(d.ready.len() <= 2 * 3, "{} ops wait", d.ready.len());
+        }
+        d.drain().await.unwrap();
+        assert_eq!(d.checkpoint().jobs["c"], 39);
+        assert!(rec.batch_sizes().iter().all(|n| *n <= 3));
     }
 
     #[tokio::test]

@@ -45,6 +45,27 @@ use crate::state::CheckpointOp;
 use serde_json::{Map, Value};
 
 /// What the SynapTask source hands the pipeline, in the order the pipeline must apply it.
+/// One of the few places a snapshot page may take on its way to the pipeline ([`PAGES_AHEAD`]);
+/// freed when the pipeline has handled the page, so the source reads ahead of the pipeline by
+/// that many pages and no more (a page of 5,000 nodes is tens of megabytes parsed, and a
+/// channel of pages filled memory with the whole snapshot when the pipeline was slower).
+#[derive(Debug, Default)]
+pub struct PageSlot {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Clone for PageSlot {
+    /// A copy holds no place: only the event the source sent frees one.
+    fn clone(&self) -> Self {
+        Self { _permit: None }
+    }
+}
+
+/// Snapshot pages sent and not yet handled by the pipeline, at most. One is enough to keep the
+/// pipeline busy: the source reads the next page while the pipeline handles this one, and
+/// sends it the moment the slot frees. Each more is another page in memory.
+pub const PAGES_AHEAD: usize = 1;
+
 #[derive(Debug, Clone)]
 pub enum GraphEvent {
     /// A session is established: records get `source = synaptask://<host>/users/<uid>`.
@@ -58,6 +79,8 @@ pub enum GraphEvent {
     SnapshotPage {
         /// Entities in page order.
         items: Vec<(EntityKind, Map<String, Value>)>,
+        /// Held until the pipeline has handled the page.
+        slot: PageSlot,
         /// The page ack's trace.
         trace: TraceContext,
     },

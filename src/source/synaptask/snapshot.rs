@@ -62,7 +62,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         if let Some(root) = &root {
             request["root"] = json!(root);
         }
-        let ack = match r.read(event, request).await {
+        let mut ack = match r.read(event, request).await {
             Ok(ack) => ack,
             Err(e) => return Ok(SnapshotEnd::Failed(e)),
         };
@@ -71,7 +71,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
             .get("trace_id")
             .and_then(Value::as_str)
             .map_or_else(TraceContext::new_root, TraceContext::from_source);
-        let items = r.page_items(event, &ack).await?;
+        let items = r.page_items(event, &mut ack).await?;
         let returned = items.len() as u64;
         progress.page(returned);
         seen.extend(
@@ -80,9 +80,11 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
                 .filter_map(|(k, m)| m.get("id").and_then(Value::as_str).map(|id| k.key(id))),
         );
         inc(&metrics().source_events_total);
+        let slot = r.page_slot().await?;
         r.send(GraphEvent::SnapshotPage {
             items,
             trace: trace.clone(),
+            slot,
         })
         .await?;
         if ack.get("hasMore").and_then(Value::as_bool) != Some(true) {
@@ -133,7 +135,7 @@ async fn trash(r: &Reader) -> Result<Result<TrashListing, ReadError>, SourceErro
     let mut trash = HashMap::new();
     let mut offset = 0u64;
     loop {
-        let ack = match r
+        let mut ack = match r
             .read("trash:page", json!({"limit": 1000, "offset": offset}))
             .await
         {
@@ -144,7 +146,7 @@ async fn trash(r: &Reader) -> Result<Result<TrashListing, ReadError>, SourceErro
             }
             Err(e) => return Ok(Err(e)),
         };
-        let items = r.page_items("trash:page", &ack).await?;
+        let items = r.page_items("trash:page", &mut ack).await?;
         let returned = items.len() as u64;
         for (kind, m) in items {
             if let Some(id) = m.get("id").and_then(Value::as_str) {
