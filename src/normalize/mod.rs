@@ -539,7 +539,7 @@ pub fn missing_after_snapshot(
         Some(t) if scoped => {
             scoped_trash = t
                 .iter()
-                .filter(|(k, _)| view.entities.contains_key(*k) || view.sketches.contains_key(*k))
+                .filter(|(k, _)| view.entities.contains_key(k) || view.sketches.contains_key(*k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             &scoped_trash
@@ -548,7 +548,7 @@ pub fn missing_after_snapshot(
         None => &empty,
     };
     let mut out = Disappearances::default();
-    let mut trashed: Vec<&String> = trash.keys().filter(|k| !seen.contains(*k)).collect();
+    let mut trashed: Vec<&String> = trash.keys().filter(|k| !seen.contains(k)).collect();
     trashed.sort();
     for key in trashed {
         let Some((kind, _)) = split_key(key) else {
@@ -587,7 +587,7 @@ pub fn missing_after_snapshot(
         // With a listing, a known trashed entity that is no longer in trash was purged too.
         .filter(|(_, known)| listing || !is_trashed(&known.state))
         .map(|(k, _)| k)
-        .filter(|k| !seen.contains(*k) && !trash.contains_key(*k))
+        .filter(|k| !seen.contains(k) && !trash.contains_key(*k))
         .cloned()
         .collect();
     if listing {
@@ -595,7 +595,7 @@ pub fn missing_after_snapshot(
         gone.extend(
             view.sketches
                 .keys()
-                .filter(|k| !seen.contains(*k) && !trash.contains_key(*k))
+                .filter(|k| !seen.contains(k) && !trash.contains_key(*k))
                 .cloned(),
         );
     }

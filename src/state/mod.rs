@@ -277,16 +277,14 @@ pub fn apply_entity_op(entities: &mut HashMap<EntityKey, EntityState>, op: &Chec
             key,
             version,
             state,
-        } => {
-            if may_replace(entities.get(key).map(|e| e.version), *version) {
-                entities.insert(
-                    key.clone(),
-                    EntityState {
-                        version: *version,
-                        state: state.clone(),
-                    },
-                );
-            }
+        } if may_replace(entities.get(key).map(|e| e.version), *version) => {
+            entities.insert(
+                key.clone(),
+                EntityState {
+                    version: *version,
+                    state: state.clone(),
+                },
+            );
         }
         CheckpointOp::Remove { key } => {
             entities.remove(key);
