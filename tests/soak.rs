@@ -81,6 +81,9 @@ history_interval_ms = 3000
 
 [state]
 path = "{{dir}}/state.redb"
+# A cache of about one megabyte: nearly every change reads its entity back from the store, so
+# the kills and restarts below check that path against the truth too.
+cache_mb = 1
 
 [sinks.stdout]
 enabled = false
