@@ -105,7 +105,13 @@ impl Out {
     fn sync(&mut self) -> std::io::Result<()> {
         match self {
             Out::Stdout(_) => Ok(()),
-            Out::File { file, .. } => file.sync_data(),
+            // A device or a pipe (`/dev/null`, a FIFO) cannot be synced and says so with
+            // EINVAL: there is nothing to wait for, and retrying would hold a shutdown until its
+            // drain timeout.
+            Out::File { file, .. } => match file.sync_data() {
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+                r => r,
+            },
             #[cfg(test)]
             Out::Faulty(f) => {
                 f.lock().unwrap().syncs += 1;
@@ -585,6 +591,20 @@ mod tests {
         assert_eq!(f.lock().unwrap().syncs, 0);
         sink.flush().await.unwrap();
         assert_eq!(f.lock().unwrap().syncs, 1);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_cannot_sync_is_not_retried_forever() {
+        let cfg: StdoutConfig =
+            serde_json::from_str(r#"{"path": "/dev/null", "fsync": "always"}"#).unwrap();
+        let sink = StdoutSink::new(&cfg).unwrap();
+        let ack = sink.enqueue(line(1)).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            ack.await.unwrap();
+            sink.flush().await.unwrap();
+        })
+        .await
+        .expect("acknowledged and flushed without waiting on a sync /dev/null refuses");
     }
 
     #[test]
