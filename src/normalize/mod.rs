@@ -3,7 +3,7 @@
 //! record their delivery.
 //!
 //! The working [`View`] holds the latest full state of every entity seen so far, delivered or
-//! not (part of it read back from the store as events need it, [`view`]); it is what turns a
+//! not (part of it read back from the store as events need it, [`View`]); it is what turns a
 //! partial diff into `before` / `after` / `changed`. Versions only go
 //! up: an entry whose version is not newer than the view's is stale and produces nothing, which
 //! is how snapshot pages and buffered diffs merge without ever going back.
