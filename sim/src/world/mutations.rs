@@ -56,6 +56,7 @@ impl World {
             forward.remove("shareRoots");
             forward.remove("access");
         }
+        self.node_order.insert((node.created_time.clone(), id));
         self.nodes.insert(id, node);
         self.sets[owner].active_nodes.insert(id);
         // A new entity has version 1 (DECISIONS #11); its guard is the version before it existed.
@@ -98,6 +99,7 @@ impl World {
             forward = m;
             forward.remove("shareRoots");
         }
+        self.link_order.insert((link.created_time.clone(), id));
         self.links.insert(id, link);
         self.out_links.entry(source).or_default().insert(id);
         self.in_links.entry(target).or_default().insert(id);
@@ -314,7 +316,9 @@ impl World {
             inverse = m;
             inverse.remove("shareRoots");
         }
-        self.links.remove(&lid);
+        if let Some(gone) = self.links.remove(&lid) {
+            self.link_order.remove(&(gone.created_time, lid));
+        }
         if let Some(s) = self.out_links.get_mut(&source) {
             s.remove(&lid);
         }
@@ -363,6 +367,7 @@ impl World {
             self.purge_link_in(&mut tx, lid, &mut memo);
         }
         let node = self.nodes.remove(&id)?;
+        self.node_order.remove(&(node.created_time.clone(), id));
         self.out_links.remove(&id);
         self.in_links.remove(&id);
         self.sets[owner].trashed_nodes.remove(&id);

@@ -50,8 +50,19 @@ impl World {
     /// `graph:get`: the caller's whole graph, paged.
     pub fn graph_page(&self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
         let (limit, offset) = check_range(limit, offset, 5000)?;
-        let nodes = self.page_nodes(self.nodes.values().filter(|n| n.owner == user));
-        let links = self.page_links(self.links.values().filter(|l| l.owner == user));
+        // Already in page order (`page_nodes` / `page_links` order, without their sort).
+        let nodes: Vec<&Node> = self
+            .node_order
+            .iter()
+            .filter_map(|(_, id)| self.nodes.get(id))
+            .filter(|n| n.owner == user && !n.in_trash)
+            .collect();
+        let links: Vec<&Link> = self
+            .link_order
+            .iter()
+            .filter_map(|(_, id)| self.links.get(id))
+            .filter(|l| l.owner == user && self.link_active(l))
+            .collect();
         Ok(self.page(&nodes, &links, limit, offset))
     }
 
