@@ -99,6 +99,17 @@ async fn settle() {
 }
 
 /// One connector run with `configure` choosing the sink.
+/// The line of a `BENCH_ONLY` run: one sink alone, for a profiler.
+fn print_alone(run: &Run) {
+    println!(
+        "{}: {} records in {:.2} s = {:.0} records/s",
+        run.sink,
+        run.records,
+        run.secs,
+        run.records as f64 / run.secs
+    );
+}
+
 async fn connector_run(
     sink: &'static str,
     events: u64,
@@ -257,23 +268,13 @@ fn main() {
                 support::use_jetstream(c, &url)
             })
             .await;
-            println!(
-                "nats-jetstream: {} records in {:.2} s = {:.0} records/s",
-                run.records,
-                run.secs,
-                run.records as f64 / run.secs
-            );
+            print_alone(&run);
             return;
         }
         let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f)).await;
         // `BENCH_ONLY=file`: the file sink alone, for a profiler.
         if std::env::var("BENCH_ONLY").as_deref() == Ok("file") {
-            println!(
-                "file: {} records in {:.2} s = {:.0} records/s",
-                file_run.records,
-                file_run.secs,
-                file_run.records as f64 / file_run.secs
-            );
+            print_alone(&file_run);
             return;
         }
         let text = std::fs::read_to_string(&file).unwrap_or_default();

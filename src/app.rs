@@ -364,9 +364,14 @@ impl Pipeline {
     /// (reading them from the store when they are not in memory), after letting it know which
     /// of its states the store now has.
     fn prefetch<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) -> Result<(), AppError> {
-        self.view.delivered(self.delivery.take_committed());
+        self.release_delivered();
         self.view.prefetch(keys)?;
         Ok(())
+    }
+
+    /// Tells the view which of its states the store has committed since the last call.
+    fn release_delivered(&mut self) {
+        self.view.delivered(self.delivery.take_committed());
     }
 
     fn done(&self) -> bool {
@@ -779,7 +784,7 @@ impl Pipeline {
                 seen.merge(&self.touched);
                 self.touched.clear();
                 self.snapshot_active = false;
-                self.view.delivered(self.delivery.take_committed());
+                self.release_delivered();
                 self.view.prefetch_unseen(&seen, trash.as_ref())?;
                 let d = normalize::missing_after_snapshot(
                     &mut self.view,
@@ -1149,7 +1154,7 @@ pub async fn run(
                     r?;
                     // Between events: delivered states leave memory now, not at the next
                     // event, which may be long in coming.
-                    p.view.delivered(p.delivery.take_committed());
+                    p.release_delivered();
                     p.view.trim();
                 }
                 ev = p.inbox.recv() => match ev {

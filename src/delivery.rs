@@ -611,20 +611,27 @@ impl Delivery {
         crate::metrics::set_oldest_pending(since);
     }
 
-    /// Finishes the running commit (or starts one and finishes it), then starts the next:
-    /// one transaction of progress.
-    async fn commit_one(&mut self) -> Result<(), DeliveryError> {
+    /// Finishes the running commit, or starts one with the next ready ops and finishes it.
+    /// `Ok(false)`: nothing was running and nothing was ready.
+    async fn finish_one_commit(&mut self) -> Result<bool, DeliveryError> {
         let commit = match self.commit {
             Some(ref mut commit) => commit,
             None => match self.start_commit() {
                 Some(commit) => commit,
-                None => return Ok(()),
+                None => return Ok(false),
             },
         };
         let ops = Arc::clone(&commit.ops);
         let joined = (&mut commit.task).await;
         self.commit = None;
         self.finish_commit(&ops, joined)?;
+        Ok(true)
+    }
+
+    /// One transaction of progress, then the next one started: publishing goes on while the
+    /// store syncs.
+    async fn commit_one(&mut self) -> Result<(), DeliveryError> {
+        self.finish_one_commit().await?;
         self.start_commit();
         Ok(())
     }
@@ -632,19 +639,8 @@ impl Delivery {
     /// Commits `ready` in transactions of up to `max_batch` ops, finishing first any commit
     /// already running (left by `submit` or by a dropped call).
     async fn commit_ready(&mut self) -> Result<(), DeliveryError> {
-        loop {
-            let commit = match self.commit {
-                Some(ref mut commit) => commit,
-                None => match self.start_commit() {
-                    Some(commit) => commit,
-                    None => return Ok(()),
-                },
-            };
-            let ops = Arc::clone(&commit.ops);
-            let joined = (&mut commit.task).await;
-            self.commit = None;
-            self.finish_commit(&ops, joined)?;
-        }
+        while self.finish_one_commit().await? {}
+        Ok(())
     }
 
     /// The non-waiting `commit_ready` of `submit`: records a commit that has ended and starts

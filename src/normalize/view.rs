@@ -265,10 +265,15 @@ impl View {
         &mut self,
         keys: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), StateError> {
+        self.trim();
+        self.load(keys)
+    }
+
+    /// Reads the states of `keys` that are not in memory from the store, without trimming.
+    fn load<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) -> Result<(), StateError> {
         let Some(reader) = self.reader.clone() else {
             return Ok(());
         };
-        self.entities.trim(self.cache_bytes);
         let mut missing: Vec<&str> = Vec::new();
         let mut asked: HashSet<&str> = HashSet::new();
         for key in keys {
@@ -330,13 +335,9 @@ impl View {
             }
         })?;
         // In pages, so the store is not read in one transaction of unbounded size.
+        // Not trimmed between chunks: every one of them is needed by the same check.
         for chunk in keys.chunks(1024) {
-            // Not trimmed between chunks: every one of them is needed by the same check.
-            let reader_budget = self.cache_bytes;
-            self.cache_bytes = usize::MAX;
-            let r = self.prefetch(chunk.iter().map(String::as_str));
-            self.cache_bytes = reader_budget;
-            r?;
+            self.load(chunk.iter().map(String::as_str))?;
         }
         Ok(())
     }
