@@ -4,7 +4,7 @@
 //! One task applies source events in order, so the view, record ids and checkpoint ops stay
 //! consistent without locks; the sources and the metrics endpoint run beside it.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -335,6 +335,9 @@ struct Pipeline {
     touched: normalize::SeenKeys,
     /// Whether a snapshot was completed before (later ones count what they repair).
     snapshot_before: bool,
+    /// Keys history changed while the view did not know them in full and that nothing has
+    /// settled yet ([`Pipeline::settle_unknown`]).
+    unsettled: HashSet<String>,
     /// Partial diffs of entities not known yet, oldest first, bounded by [`PENDING_BYTES`].
     held: VecDeque<Held>,
     held_bytes: usize,
@@ -366,6 +369,31 @@ impl Pipeline {
     fn prefetch<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) -> Result<(), AppError> {
         self.release_delivered();
         self.view.prefetch(keys)?;
+        Ok(())
+    }
+
+    /// At the end of a catch-up: entities history changed without the view knowing them, that
+    /// neither a snapshot page nor a later removal settled since, call for a snapshot. Judged
+    /// here, not per batch: an entity changed and then removed while a snapshot was read
+    /// (before its page) is in no page, and only the rest of history shows it gone. Asking
+    /// per batch asked, under load, for one snapshot after another.
+    fn settle_unknown(&mut self) -> Result<(), AppError> {
+        if self.unsettled.is_empty() || self.snapshot_active {
+            return Ok(());
+        }
+        let keys: Vec<String> = self.unsettled.drain().collect();
+        self.prefetch(keys.iter().map(String::as_str))?;
+        let unknown: Vec<&String> = keys.iter().filter(|k| self.view.get(k).is_none()).collect();
+        if let Some(first) = unknown.first() {
+            // Cleared either way: if a snapshot cannot bring them, nothing can, and asking
+            // again would ask for ever.
+            self.ask(Control::Reconcile {
+                reason: format!(
+                    "history changed {} entities never seen in full (e.g. {first})",
+                    unknown.len()
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -908,13 +936,14 @@ impl Pipeline {
                             for g in groups {
                                 self.submit(g).await?;
                             }
-                            self.let_live_diffs_ahead().await?;
-                            // A branch's history also lists ops on entities outside it.
-                            if unknown > 0 && !self.snapshot_active && self.scope_root.is_none() {
-                                self.ask(Control::Reconcile {
-                                    reason: "history changed entities never seen in full".into(),
-                                });
+                            for k in &unknown.removed {
+                                self.unsettled.remove(k);
                             }
+                            // A branch's history also lists ops on entities outside it.
+                            if self.scope_root.is_none() {
+                                self.unsettled.extend(unknown.changed);
+                            }
+                            self.let_live_diffs_ahead().await?;
                         }
                         Err(reason) => {
                             let raw = Value::Object(batch).to_string().into_bytes();
@@ -927,6 +956,7 @@ impl Pipeline {
             GraphEvent::CatchUpDone => {
                 tracing::debug!(held = self.held.len(), "catch-up done");
                 self.catch_up_requested = false;
+                self.settle_unknown()?;
                 if !self.held.is_empty() && !self.snapshot_active {
                     self.retry_held(false).await?;
                 }
@@ -1121,6 +1151,7 @@ pub async fn run(
         snapshot_active: false,
         touched: normalize::SeenKeys::default(),
         snapshot_before,
+        unsettled: HashSet::new(),
         held: VecDeque::new(),
         held_bytes: 0,
         gaps: Vec::new(),

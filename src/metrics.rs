@@ -166,6 +166,8 @@ metrics! {
     counter reads_timed_out_total,
     /// Snapshots completed.
     counter snapshots_total,
+    /// Snapshot pages read again because removals shifted the listing past the overlap.
+    counter snapshot_rereads_total,
     /// Reconciles started after live diffs were lost.
     counter reconciles_total,
     /// Job-event frames received.

@@ -220,11 +220,23 @@ fn op_version(forward: &Map<String, Value>, op: &Map<String, Value>) -> Option<u
     })
 }
 
+/// Entities a history batch named but could not settle with what the view knows.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Unknown {
+    /// Keys of entities whose ops changed them partially while the view does not know them in
+    /// full, and that no later op of the batch removed: only a snapshot can publish them.
+    pub changed: Vec<String>,
+    /// Keys of entities the batch trashed or purged. An entity changed and then removed
+    /// while a snapshot was read, before its page, is in no page: its removal, later in
+    /// history, settles it without a snapshot.
+    pub removed: Vec<String>,
+}
+
 /// The records of one history batch read from `scope`, in publish order: the batch record,
 /// the entity changes (only those newer than the view), the status transitions not published
 /// yet, then the scope's position (an ops-only group, so the position moves only once all of
-/// them are acknowledged), and how many ops changed an entity the view does not know in full
-/// (only a snapshot can publish those). `Err` when the batch itself is unusable.
+/// them are acknowledged), and the entities it could not settle ([`Unknown`]). `Err` when the
+/// batch itself is unusable.
 pub fn apply_batch(
     view: &mut View,
     ctx: &Ctx,
@@ -232,7 +244,7 @@ pub fn apply_batch(
     batch: &Map<String, Value>,
     recent: &mut RecentIds,
     trace: &TraceContext,
-) -> Result<(Vec<Group>, usize), String> {
+) -> Result<(Vec<Group>, Unknown), String> {
     let Some(batch_id) = batch.get("batchId").and_then(Value::as_str) else {
         return Err("history batch without a string batchId".into());
     };
@@ -260,7 +272,7 @@ pub fn apply_batch(
         .map_or_else(|| ctx.now.clone(), str::to_string);
     let actor = batch.get("actor").cloned();
     let undo = undo_of(batch);
-    let mut unknown = 0usize;
+    let mut unknown = Unknown::default();
     let mut groups = vec![Group {
         records: vec![Record {
             id: format!("history:{batch_id}"),
@@ -309,6 +321,13 @@ pub fn apply_batch(
         let skips = view.get(&kind.key(entity_id)).is_some_and(|k| {
             version > k.version.saturating_add(1) && !super::looks_full(kind, &entry)
         }) && !entry.contains_key("deleted");
+        if entry.get("inTrash").and_then(Value::as_bool) == Some(true)
+            || entry.get("deleted").and_then(Value::as_bool) == Some(true)
+        {
+            let key = kind.key(entity_id);
+            unknown.changed.retain(|k| *k != key);
+            unknown.removed.push(key);
+        }
         let outcome = if skips {
             Outcome::Stale
         } else {
@@ -321,7 +340,7 @@ pub fn apply_batch(
                     .retain(|r| !matches!(r.body, Body::StatusChanged { .. }));
                 groups.push(g);
             }
-            Outcome::NeedsSnapshot => unknown += 1,
+            Outcome::NeedsSnapshot => unknown.changed.push(kind.key(entity_id)),
             _ => {}
         }
         if kind != EntityKind::Node {
@@ -664,6 +683,44 @@ mod tests {
         assert_eq!(g[1].records[0].id, "node:n1:5");
         assert_eq!(g[1].records[0].event_type(), "synaptask.node.deleted");
         assert!(g[1].tombstone.is_some());
+    }
+
+    #[test]
+    fn an_entity_changed_then_removed_unseen_is_settled_by_its_removal() {
+        // Changed, trashed and purged while a snapshot was read, before its page.
+        let mut view = View::default();
+        let mut recent = RecentIds::new(10);
+        let change = obj(json!({"batchId": "a", "ops": [
+            {"id": 1, "type": 11, "entityId": "l", "forwardPatch": {"Type": 0, "Version": 2},
+             "inversePatch": {"Type": 1, "Version": 1}, "guard": {"Version": 1}}]}));
+        let (_, u) =
+            apply_batch(&mut view, &ctx(), "USER:u", &change, &mut recent, &trace()).unwrap();
+        assert_eq!(u.changed, vec!["link:l".to_string()]);
+        let trash = obj(json!({"batchId": "b", "ops": [
+            {"id": 2, "type": 13, "entityId": "l", "forwardPatch": {"InTrash": true, "Version": 3},
+             "inversePatch": {"InTrash": false, "Version": 2}, "guard": {"Version": 2}}]}));
+        let (g, u) =
+            apply_batch(&mut view, &ctx(), "USER:u", &trash, &mut recent, &trace()).unwrap();
+        assert!(u.changed.is_empty());
+        assert_eq!(u.removed, vec!["link:l".to_string()]);
+        assert_eq!(
+            g.len(),
+            2,
+            "the batch record and the position, no entity record"
+        );
+        // Within one batch, only what the op order leaves unsettled counts: a restore after
+        // the trash needs the entity again.
+        let both = obj(json!({"batchId": "c", "ops": [
+            {"id": 3, "type": 1, "entityId": "n", "forwardPatch": {"Title": "t", "Version": 2},
+             "inversePatch": {"Title": "s", "Version": 1}, "guard": {"Version": 1}},
+            {"id": 4, "type": 3, "entityId": "n", "forwardPatch": {"InTrash": true, "Version": 3},
+             "inversePatch": {"InTrash": false, "Version": 2}, "guard": {"Version": 2}},
+            {"id": 5, "type": 4, "entityId": "n", "forwardPatch": {"InTrash": false, "Version": 4},
+             "inversePatch": {"InTrash": true, "Version": 3}, "guard": {"Version": 3}}]}));
+        let (_, u) =
+            apply_batch(&mut view, &ctx(), "USER:u", &both, &mut recent, &trace()).unwrap();
+        assert_eq!(u.changed, vec!["node:n".to_string()]);
+        assert_eq!(u.removed, vec!["node:n".to_string()]);
     }
 
     #[test]

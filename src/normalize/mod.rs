@@ -284,6 +284,15 @@ pub fn apply_entity(
     let known = published.as_ref().or(known);
     let trashing = entry.get("inTrash").and_then(Value::as_bool) == Some(true);
     let full = looks_full(kind, entry);
+    // A trash of an entity never seen (not even in the trash listing) changes nothing
+    // consumers know of: a snapshot would only find it in the trash, which publishes nothing.
+    // This is common, not exotic: an entity trashed while a snapshot is read, before its page,
+    // is in no page, and history replays its trash op after the snapshot. Asking for a
+    // snapshot here would ask again after that one, for the entities trashed while it was
+    // read: under load, snapshots without end.
+    if known.is_none() && sketch.is_none() && trashing && !full && origin != Origin::Snapshot {
+        return Outcome::Stale;
+    }
     let (change, before, mut after) = match known {
         // A trash of an entity never seen in full would leave a sketch in the view (no title,
         // no tags) that makes its history look stale; only the trash listing after a snapshot
@@ -487,6 +496,31 @@ fn entry_of(item: &Value) -> Result<bool, String> {
         Some(_) => Ok(false),
         None => Err(format!("entry is {}, not an object", type_name(item))),
     }
+}
+
+/// How many entities of a `graph:diff` payload leave the live graph (`inTrash:true` or
+/// `deleted:true`, flat or op-shaped). Snapshot paging re-reads that many more objects, since
+/// `graph:get` pages by offset over a listing these removals shift.
+pub fn removals_in_diff(payload: &Value) -> u64 {
+    let mut n = 0u64;
+    for field in ["nodes", "links"] {
+        let Some(Value::Array(items)) = payload.get(field) else {
+            continue;
+        };
+        for item in items {
+            let entity = match entry_of(item) {
+                Ok(true) => item.get("after"),
+                Ok(false) => Some(item),
+                Err(_) => None,
+            };
+            let removes = entity.is_some_and(|e| {
+                e.get("inTrash").and_then(Value::as_bool) == Some(true)
+                    || e.get("deleted").and_then(Value::as_bool) == Some(true)
+            });
+            n += u64::from(removes);
+        }
+    }
+    n
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -1012,6 +1046,57 @@ mod tests {
                 &trace()
             ),
             Outcome::Stale
+        );
+    }
+
+    #[test]
+    fn removals_in_a_diff_count_trashes_and_purges_of_both_shapes() {
+        let flat = json!({
+            "nodes": [{"id": "a", "inTrash": true, "version": 2}, {"id": "b", "status": 1}],
+            "links": [{"id": "l", "deleted": true}, {"id": "m", "inTrash": false}],
+        });
+        assert_eq!(removals_in_diff(&flat), 2);
+        let ops = json!({"nodes": [
+            {"op": "trash", "before": {"id": "a"}, "after": {"id": "a", "inTrash": true}},
+            {"op": "update", "before": {"id": "b"}, "after": {"id": "b", "title": "t"}},
+        ]});
+        assert_eq!(removals_in_diff(&ops), 1);
+        assert_eq!(removals_in_diff(&json!({"nodes": "no"})), 0);
+        assert_eq!(removals_in_diff(&json!([1, 2])), 0);
+    }
+
+    #[test]
+    fn a_trash_of_an_entity_never_seen_asks_for_no_snapshot() {
+        // Trashed while a snapshot was read, before its page: history replays the trash op.
+        let mut view = View::default();
+        let trash = obj(json!({"id": "x", "inTrash": true, "version": 3}));
+        for origin in [Origin::Diff, Origin::History] {
+            assert_eq!(
+                apply_entity(
+                    &mut view,
+                    &ctx(),
+                    EntityKind::Link,
+                    &trash,
+                    origin,
+                    &trace()
+                ),
+                Outcome::Stale
+            );
+        }
+        assert!(view.get("link:x").is_none());
+        assert!(view.sketches.is_empty(), "no sketch is left behind");
+        // Its restore is partial too, and only a snapshot brings the whole entity back.
+        let restore = obj(json!({"id": "x", "inTrash": false, "version": 4}));
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Link,
+                &restore,
+                Origin::History,
+                &trace()
+            ),
+            Outcome::NeedsSnapshot
         );
     }
 

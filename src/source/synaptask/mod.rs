@@ -478,7 +478,8 @@ impl SynapTaskSource {
                 shutdown.clone(),
             )
             .with_log(connect_log.clone())
-            .with_expected(Arc::clone(&self.expected_objects));
+            .with_expected(Arc::clone(&self.expected_objects))
+            .with_removals(session.removals());
             let stop = self.serve(&mut session, &uid, &reader, &mut control).await;
             crate::health::set_source_up(false);
             let stop = stop?;

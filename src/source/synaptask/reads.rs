@@ -59,6 +59,9 @@ pub struct Reader {
     expected: Arc<std::sync::atomic::AtomicU64>,
     /// Places for snapshot pages on their way to the pipeline ([`super::PageSlot`]).
     pages: Arc<tokio::sync::Semaphore>,
+    /// Entities the live stream has shown leaving the graph this session
+    /// ([`super::session::Session::removals`]).
+    removals: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Reader {
@@ -80,7 +83,20 @@ impl Reader {
             log: None,
             expected: Arc::default(),
             pages: Arc::new(tokio::sync::Semaphore::new(super::PAGES_AHEAD)),
+            removals: Arc::default(),
         }
+    }
+
+    /// Counts removals with the session's counter.
+    pub fn with_removals(mut self, removals: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.removals = removals;
+        self
+    }
+
+    /// Entities the live stream has shown leaving the graph so far this session; the
+    /// difference between two calls is how far an offset-paged listing may have shifted.
+    pub fn removals(&self) -> u64 {
+        self.removals.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps every read attempt in `store`, so that a restarted connector counts them.
@@ -134,35 +150,53 @@ impl Reader {
         }
     }
 
+    /// Waits until the budget allows one more `event` read. [`Reader::read`] waits too; a
+    /// caller that builds its request from what happened meanwhile (snapshot offsets) waits
+    /// first, so the request is built at the moment it is sent.
+    pub async fn wait_budget(&self, event: &'static str) -> Result<(), ReadError> {
+        let queued = std::time::Instant::now();
+        let mut waited = false;
+        loop {
+            let wait = self.budget_wait(event);
+            if wait.is_zero() {
+                break;
+            }
+            if !waited {
+                waited = true;
+                metrics().reads_waiting.inc();
+            }
+            // A little slack over the window, so our clock and the server's never disagree.
+            let slept = self.sleep(wait + Duration::from_millis(150)).await;
+            if slept.is_err() {
+                metrics().reads_waiting.dec();
+            }
+            slept?;
+        }
+        if waited {
+            metrics().reads_waiting.dec();
+            metrics()
+                .read_budget_wait_seconds_total
+                .inc_by(queued.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
     /// One read under the budget. `rate_limited` waits a window and tries again, for ever;
     /// timeouts and other errors are tried three times before the session counts as lost.
     pub async fn read(&self, event: &'static str, data: Value) -> Result<Value, ReadError> {
+        self.read_marked(event, data).await.map(|(v, _)| v)
+    }
+
+    /// [`Reader::read`], with the session's removal count when the ack arrived
+    /// ([`super::session::Caller::call_marked`]).
+    pub async fn read_marked(
+        &self,
+        event: &'static str,
+        data: Value,
+    ) -> Result<(Value, u64), ReadError> {
         let mut attempts = 0u32;
         loop {
-            let queued = std::time::Instant::now();
-            let mut waited = false;
-            loop {
-                let wait = self.budget_wait(event);
-                if wait.is_zero() {
-                    break;
-                }
-                if !waited {
-                    waited = true;
-                    metrics().reads_waiting.inc();
-                }
-                // A little slack over the window, so our clock and the server's never disagree.
-                let slept = self.sleep(wait + Duration::from_millis(150)).await;
-                if slept.is_err() {
-                    metrics().reads_waiting.dec();
-                }
-                slept?;
-            }
-            if waited {
-                metrics().reads_waiting.dec();
-                metrics()
-                    .read_budget_wait_seconds_total
-                    .inc_by(queued.elapsed().as_secs_f64());
-            }
+            self.wait_budget(event).await?;
             let sent = self
                 .budget
                 .lock()
@@ -174,7 +208,7 @@ impl Reader {
             self.log_attempt(event, sent_ms, sent_ms).await;
             let reply = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(ReadError::Shutdown),
-                r = self.caller.call(event, data.clone()) => r,
+                r = self.caller.call_marked(event, data.clone()) => r,
             };
             // The server counted this read when it arrived, which may be well after we sent
             // it on a loaded machine (CI once saw a read refused with the window kept from
@@ -187,8 +221,10 @@ impl Reader {
             self.log_attempt(event, sent_ms, crate::record::unix_millis())
                 .await;
             match reply {
-                Ok(ack) if ack.get("ok").and_then(Value::as_bool) == Some(true) => return Ok(ack),
-                Ok(ack) => {
+                Ok((ack, mark)) if ack.get("ok").and_then(Value::as_bool) == Some(true) => {
+                    return Ok((ack, mark))
+                }
+                Ok((ack, _)) => {
                     let code = ack
                         .get("error")
                         .and_then(Value::as_str)

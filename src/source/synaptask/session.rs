@@ -73,6 +73,7 @@ pub enum CallError {
 pub struct Caller {
     client: Client,
     ack_timeout: Duration,
+    removals: Arc<AtomicU64>,
 }
 
 /// How many live diffs a session holds for the source before it drops them.
@@ -97,6 +98,8 @@ pub struct Session {
     diffs: mpsc::Receiver<(Inbound, usize)>,
     queued_bytes: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
+    /// Entities the diffs received so far removed from the graph (trashed or purged).
+    removals: Arc<AtomicU64>,
     ack_timeout: Duration,
 }
 
@@ -187,6 +190,7 @@ impl Session {
         let (diff_tx, diffs) = mpsc::channel(buffer.count.max(1));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let removals = Arc::new(AtomicU64::new(0));
 
         let (c, e) = (control_tx.clone(), ended.clone());
         let on_connected = move |p: Payload, _: Client| {
@@ -201,10 +205,14 @@ impl Session {
         };
         let d = dropped.clone();
         let q = queued_bytes.clone();
+        let rm = removals.clone();
         let on_diff = move |p: Payload, _: Client| {
             inc(&metrics().diffs_received_total);
             let (msg, size) = match first_value(p) {
                 Ok(v) => {
+                    // Counted here, on arrival, dropped or not: a snapshot's next page must
+                    // step back over removals still waiting in the buffer too.
+                    rm.fetch_add(crate::normalize::removals_in_diff(&v), Ordering::Relaxed);
                     let size = approx_bytes(&v);
                     (Inbound::Diff(v, std::time::Instant::now()), size)
                 }
@@ -277,6 +285,7 @@ impl Session {
             diffs,
             queued_bytes,
             dropped,
+            removals,
             ack_timeout,
         })
     }
@@ -368,7 +377,14 @@ impl Session {
         Caller {
             client: self.client.clone(),
             ack_timeout: self.ack_timeout,
+            removals: Arc::clone(&self.removals),
         }
+    }
+
+    /// The count of entities the diffs received this session removed from the graph, kept
+    /// as they arrive (before the buffer, so dropped diffs count too).
+    pub fn removals(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.removals)
     }
 
     /// How many diffs were dropped since the last call (and resets the count).
@@ -401,11 +417,20 @@ impl Session {
 impl Caller {
     /// One acked call, with its own timeout; the reply unwrapped.
     pub async fn call(&self, event: &str, data: Value) -> Result<Value, CallError> {
-        let (tx, rx) = oneshot::channel::<Payload>();
+        self.call_marked(event, data).await.map(|(v, _)| v)
+    }
+
+    /// [`Caller::call`], with the session's removal count ([`Session::removals`]) as it was
+    /// when the ack arrived. One socket carries diffs and acks in the server's order, and the
+    /// callbacks run in that order, so the count is exactly the removals the server broadcast
+    /// before it answered.
+    pub async fn call_marked(&self, event: &str, data: Value) -> Result<(Value, u64), CallError> {
+        let (tx, rx) = oneshot::channel::<(Payload, u64)>();
         let tx = Arc::new(Mutex::new(Some(tx)));
+        let removals = Arc::clone(&self.removals);
         let callback = move |p: Payload, _: Client| {
             if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                let _ = tx.send(p);
+                let _ = tx.send((p, removals.load(Ordering::Relaxed)));
             }
             async {}.boxed()
         };
@@ -417,11 +442,12 @@ impl Caller {
                 message: e.to_string(),
             })?;
         match tokio::time::timeout(self.ack_timeout + Duration::from_millis(500), rx).await {
-            Ok(Ok(p)) => match first_value(p) {
-                Ok(v) => Ok(unwrap_ack(v)),
-                Err((_, reason)) => Ok(
+            Ok(Ok((p, mark))) => match first_value(p) {
+                Ok(v) => Ok((unwrap_ack(v), mark)),
+                Err((_, reason)) => Ok((
                     json!({"ok": false, "error": "internal.malformed_response", "message": reason}),
-                ),
+                    mark,
+                )),
             },
             _ => {
                 inc(&metrics().reads_timed_out_total);

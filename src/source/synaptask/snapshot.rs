@@ -29,6 +29,10 @@ pub enum SnapshotEnd {
     Failed(ReadError),
 }
 
+/// Times one page is read again because the listing shifted past the overlap, before the
+/// snapshot moves on regardless (a graph losing objects faster than a page can follow).
+const MAX_REREADS: u32 = 3;
+
 /// The offset after a page of `returned` objects read at `offset`: the overlap re-reads part
 /// of the page (at most half of it, so a small page still moves on).
 pub fn next_offset(offset: u64, returned: u64, overlap: u64) -> u64 {
@@ -57,15 +61,54 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         r.cfg.read_interval(),
     );
     r.send(GraphEvent::SnapshotStart).await?;
+    // The last page taken as read: its offset, its size, and the session's removal count when
+    // it was answered. Entities removed since may have shifted the listing left (DECISIONS #6),
+    // so the next page steps back by that many more objects than the fixed overlap. Removals
+    // whose diffs are still on their way when a request is built are not counted yet: `late`
+    // is the most of them seen so far, added as a margin (a loaded connector reads its socket
+    // late, and the server removes on meanwhile).
+    let mut last: Option<(u64, u64, u64)> = None;
+    let mut late = 0u64;
+    let mut rereads = 0u32;
     loop {
+        if let Err(e) = r.wait_budget(event).await {
+            return Ok(SnapshotEnd::Failed(e));
+        }
+        let mut stepped_back = 0u64;
+        let mut counted = 0u64;
+        if let Some((at, returned, mark)) = last {
+            counted = r.removals().saturating_sub(mark);
+            let overlap = u64::from(r.cfg.page_overlap) + counted + late;
+            offset = next_offset(at, returned, overlap);
+            stepped_back = (at + returned).saturating_sub(offset);
+        }
         let mut request = json!({"limit": limit, "offset": offset});
         if let Some(root) = &root {
             request["root"] = json!(root);
         }
-        let mut ack = match r.read(event, request).await {
+        let (mut ack, mark) = match r.read_marked(event, request).await {
             Ok(ack) => ack,
             Err(e) => return Ok(SnapshotEnd::Failed(e)),
         };
+        // The removals the server broadcast between answering the last page and this one
+        // are now all counted: more than this page stepped back over may have left objects
+        // between the two unread. Its objects are still good; the page is read again from
+        // further back (a few times at most, then the history catch-up is the backstop).
+        let shifted = last.map_or(0, |(_, _, then)| mark.saturating_sub(then));
+        late = late.max(shifted.saturating_sub(counted));
+        let gap = shifted > stepped_back && rereads < MAX_REREADS;
+        if gap {
+            rereads += 1;
+            inc(&metrics().snapshot_rereads_total);
+            tracing::debug!(
+                offset,
+                shifted,
+                stepped_back,
+                "the listing shifted past the overlap; reading that page again from further back"
+            );
+        } else {
+            rereads = 0;
+        }
         pages += 1;
         trace = ack
             .get("trace_id")
@@ -87,6 +130,9 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
             slot,
         })
         .await?;
+        if gap {
+            continue;
+        }
         if ack.get("hasMore").and_then(Value::as_bool) != Some(true) {
             break;
         }
@@ -98,7 +144,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
             );
             break;
         }
-        offset = next_offset(offset, returned, u64::from(r.cfg.page_overlap));
+        last = Some((offset, returned, mark));
     }
     let trash = if r.cfg.trash_listing {
         match trash(r).await? {
