@@ -608,7 +608,9 @@ impl Pipeline {
             tries: 0,
         });
         metrics().pending_diffs.set(self.held.len() as i64);
-        if !self.snapshot_active {
+        // Before the first snapshot every entity is unknown, and that snapshot is coming (a
+        // diff can reach the pipeline before its start does): it settles these.
+        if !self.snapshot_active && self.snapshot_before {
             self.ask(Control::CatchUp { reason: why.into() });
         }
     }
@@ -616,6 +618,44 @@ impl Pipeline {
     fn keep_held(&mut self, h: Held) {
         self.held_bytes += h.bytes;
         self.held.push_back(h);
+    }
+
+    /// After a snapshot page: the held diffs of entities it brought apply now, in arrival
+    /// order, before any later diff of theirs can. A diff that reached the pipeline before the
+    /// page it came after on the socket (pages wait for their slot) is held; left for the end
+    /// of the snapshot, the entity's next diff merged first (`v3` onto the page's `v1`), the
+    /// held `v2` was then stale, and its fields were lost.
+    async fn release_held_known(&mut self) -> Result<(), AppError> {
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        for h in held {
+            let known = h
+                .entity
+                .get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|id| self.view.get(&h.kind.key(id)).is_some());
+            if !known || (self.history && normalize::skips_versions(&self.view, h.kind, &h.entity))
+            {
+                self.keep_held(h);
+                continue;
+            }
+            match normalize::apply_entity(
+                &mut self.view,
+                &self.ctx,
+                h.kind,
+                &h.entity,
+                Origin::Diff,
+                &h.trace,
+            ) {
+                Outcome::NeedsSnapshot => self.keep_held(h),
+                o => {
+                    self.outcome(o, "graph:diff", h.kind, &h.entity, &h.trace)
+                        .await?
+                }
+            }
+        }
+        metrics().pending_diffs.set(self.held.len() as i64);
+        Ok(())
     }
 
     /// Tries the held diffs again, in arrival order. What is still unknown after a snapshot was
@@ -801,6 +841,9 @@ impl Pipeline {
                         inc(&metrics().snapshot_changes_total);
                     }
                     self.outcome(o, "graph:get", kind, &entity, &trace).await?;
+                }
+                if !self.held.is_empty() {
+                    self.release_held_known().await?;
                 }
             }
             GraphEvent::SnapshotDone {

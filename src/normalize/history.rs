@@ -703,11 +703,8 @@ mod tests {
             apply_batch(&mut view, &ctx(), "USER:u", &trash, &mut recent, &trace()).unwrap();
         assert!(u.changed.is_empty());
         assert_eq!(u.removed, vec!["link:l".to_string()]);
-        assert_eq!(
-            g.len(),
-            2,
-            "the batch record and the position, no entity record"
-        );
+        assert_eq!(g.len(), 3, "the batch record, the trash and the position");
+        assert_eq!(g[1].records[0].to_json()["type"], "synaptask.link.trashed");
         // Within one batch, only what the op order leaves unsettled counts: a restore after
         // the trash needs the entity again.
         let both = obj(json!({"batchId": "c", "ops": [

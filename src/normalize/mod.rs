@@ -284,22 +284,14 @@ pub fn apply_entity(
     let known = published.as_ref().or(known);
     let trashing = entry.get("inTrash").and_then(Value::as_bool) == Some(true);
     let full = looks_full(kind, entry);
-    // A trash of an entity never seen (not even in the trash listing) changes nothing
-    // consumers know of: a snapshot would only find it in the trash, which publishes nothing.
-    // This is common, not exotic: an entity trashed while a snapshot is read, before its page,
-    // is in no page, and history replays its trash op after the snapshot. Asking for a
-    // snapshot here would ask again after that one, for the entities trashed while it was
-    // read: under load, snapshots without end.
-    if known.is_none() && sketch.is_none() && trashing && !full && origin != Origin::Snapshot {
-        return Outcome::Stale;
-    }
+    // A trash of an entity never seen in full is published from what it says, as a trash
+    // listing's entry is, and kept apart the same way (below). It is common, not exotic: an
+    // entity skipped by a snapshot's pages or changed and trashed while they were read (after
+    // the trash listing) is in neither, and history replays its trash op afterwards. Asking
+    // for a snapshot instead asked, under load, for one after another.
+    let sketched = known.is_none() && trashing && !full;
     let (change, before, mut after) = match known {
-        // A trash of an entity never seen in full would leave a sketch in the view (no title,
-        // no tags) that makes its history look stale; only the trash listing after a snapshot
-        // may introduce one, and it is not kept (`missing_after_snapshot`).
-        None if !(full || (trashing && origin == Origin::Snapshot)) => {
-            return Outcome::NeedsSnapshot
-        }
+        None if !(full || trashing) => return Outcome::NeedsSnapshot,
         // A whole entity restores what was only known from the trash listing.
         None if full && sketch.is_some() => (
             Change::Restored,
@@ -348,13 +340,17 @@ pub fn apply_entity(
         _ => None,
     };
     view.sketches.remove(&key);
-    view.entities.insert(
-        key.clone(),
-        Known {
-            version,
-            state: after.clone(),
-        },
-    );
+    let known = Known {
+        version,
+        state: after.clone(),
+    };
+    if sketched {
+        // Kept apart: it lacks most fields, and a later restore must bring the whole entity
+        // (its diff, or a snapshot), not merge `inTrash: false` onto this sketch.
+        view.sketches.insert(key.clone(), known);
+    } else {
+        view.entities.insert(key.clone(), known);
+    }
     let mut records = vec![entity_record(
         ctx,
         kind,
@@ -1066,26 +1062,42 @@ mod tests {
     }
 
     #[test]
-    fn a_trash_of_an_entity_never_seen_asks_for_no_snapshot() {
-        // Trashed while a snapshot was read, before its page: history replays the trash op.
+    fn a_trash_of_an_entity_never_seen_is_published_and_kept_as_a_sketch() {
+        // Changed and trashed while a snapshot was read, after the trash listing: history
+        // replays its trash op, and consumers learn it is in the trash, as a listing tells.
         let mut view = View::default();
         let trash = obj(json!({"id": "x", "inTrash": true, "version": 3}));
-        for origin in [Origin::Diff, Origin::History] {
-            assert_eq!(
-                apply_entity(
-                    &mut view,
-                    &ctx(),
-                    EntityKind::Link,
-                    &trash,
-                    origin,
-                    &trace()
-                ),
-                Outcome::Stale
-            );
-        }
-        assert!(view.get("link:x").is_none());
-        assert!(view.sketches.is_empty(), "no sketch is left behind");
-        // Its restore is partial too, and only a snapshot brings the whole entity back.
+        let Outcome::Changed(g) = apply_entity(
+            &mut view,
+            &ctx(),
+            EntityKind::Link,
+            &trash,
+            Origin::History,
+            &trace(),
+        ) else {
+            panic!("a trashed record")
+        };
+        let r = g.records[0].to_json();
+        assert_eq!(r["type"], "synaptask.link.trashed");
+        assert_eq!(r["sequence"], 3);
+        assert!(
+            view.get("link:x").is_none(),
+            "a sketch is not a known entity"
+        );
+        assert!(view.sketches.contains_key("link:x"));
+        // The same op again (a replay, the live diff) is stale ...
+        assert_eq!(
+            apply_entity(
+                &mut view,
+                &ctx(),
+                EntityKind::Link,
+                &trash,
+                Origin::Diff,
+                &trace()
+            ),
+            Outcome::Stale
+        );
+        // ... and a partial restore cannot be merged onto the sketch.
         let restore = obj(json!({"id": "x", "inTrash": false, "version": 4}));
         assert_eq!(
             apply_entity(

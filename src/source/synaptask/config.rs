@@ -37,8 +37,9 @@ pub struct SynapTaskConfig {
     pub token_file: Option<PathBuf>,
     /// Objects per `graph:get` page (1..=5000).
     pub page_limit: u32,
-    /// Objects each page re-reads from the previous one, so that pages shifting under
-    /// concurrent deletes (DECISIONS #6) skip nothing; repeats are merged away by version.
+    /// Objects each page re-reads from the previous one beyond the trashes and purges the live
+    /// stream showed since that page (each may shift the listing left by one, DECISIONS #6): a
+    /// margin for removals still on their way. Repeats are merged away by version.
     pub page_overlap: u32,
     /// Reads allowed per window and per read event name (documented: 5 per 10 s per event).
     pub read_budget: usize,

@@ -5,9 +5,11 @@
 //! overflows the diff buffer.
 //!
 //! Paging follows what the server returned, not what was asked: the next offset is the last one
-//! plus the objects received, less an overlap (pages shift under concurrent deletes, DECISIONS
-//! #6), so a server that caps pages below `limit` skips nothing, and a page that is empty while
-//! claiming `hasMore` ends the snapshot instead of looping.
+//! plus the objects received, less an overlap, so a server that caps pages below `limit` skips
+//! nothing, and a page that is empty while claiming `hasMore` ends the snapshot instead of
+//! looping. Pages shift left under concurrent removals (DECISIONS #6): the overlap is the
+//! configured one plus every trash and purge the live stream showed since the last page, and a
+//! page whose ack shows more removals than it stepped back over is read again.
 
 use std::collections::HashMap;
 
