@@ -478,8 +478,7 @@ impl SynapTaskSource {
                 shutdown.clone(),
             )
             .with_log(connect_log.clone())
-            .with_expected(Arc::clone(&self.expected_objects))
-            .with_removals(session.removals());
+            .with_expected(Arc::clone(&self.expected_objects));
             let stop = self.serve(&mut session, &uid, &reader, &mut control).await;
             crate::health::set_source_up(false);
             let stop = stop?;

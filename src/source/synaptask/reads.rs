@@ -59,9 +59,6 @@ pub struct Reader {
     expected: Arc<std::sync::atomic::AtomicU64>,
     /// Places for snapshot pages on their way to the pipeline ([`super::PageSlot`]).
     pages: Arc<tokio::sync::Semaphore>,
-    /// Entities the live stream has shown leaving the graph this session
-    /// ([`super::session::Session::removals`]).
-    removals: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Reader {
@@ -83,20 +80,13 @@ impl Reader {
             log: None,
             expected: Arc::default(),
             pages: Arc::new(tokio::sync::Semaphore::new(super::PAGES_AHEAD)),
-            removals: Arc::default(),
         }
     }
 
-    /// Counts removals with the session's counter.
-    pub fn with_removals(mut self, removals: Arc<std::sync::atomic::AtomicU64>) -> Self {
-        self.removals = removals;
-        self
-    }
-
-    /// Entities the live stream has shown leaving the graph so far this session; the
-    /// difference between two calls is how far an offset-paged listing may have shifted.
+    /// Entities the live stream has shown leaving the graph so far this session
+    /// ([`super::session::Caller::removals`]).
     pub fn removals(&self) -> u64 {
-        self.removals.load(std::sync::atomic::Ordering::Relaxed)
+        self.caller.removals()
     }
 
     /// Keeps every read attempt in `store`, so that a restarted connector counts them.

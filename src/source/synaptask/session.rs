@@ -381,12 +381,6 @@ impl Session {
         }
     }
 
-    /// The count of entities the diffs received this session removed from the graph, kept
-    /// as they arrive (before the buffer, so dropped diffs count too).
-    pub fn removals(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.removals)
-    }
-
     /// How many diffs were dropped since the last call (and resets the count).
     pub fn take_dropped(&self) -> u64 {
         self.dropped.swap(0, Ordering::Relaxed)
@@ -415,12 +409,19 @@ impl Session {
 }
 
 impl Caller {
+    /// Entities the diffs received this session removed from the graph (trashed or purged),
+    /// counted as they arrive, before the diff buffer, so dropped diffs count too: the
+    /// difference between two counts is how far an offset-paged listing may have shifted.
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::Relaxed)
+    }
+
     /// One acked call, with its own timeout; the reply unwrapped.
     pub async fn call(&self, event: &str, data: Value) -> Result<Value, CallError> {
         self.call_marked(event, data).await.map(|(v, _)| v)
     }
 
-    /// [`Caller::call`], with the session's removal count ([`Session::removals`]) as it was
+    /// [`Caller::call`], with the session's removal count ([`Caller::removals`]) as it was
     /// when the ack arrived. One socket carries diffs and acks in the server's order, and the
     /// callbacks run in that order, so the count is exactly the removals the server broadcast
     /// before it answered.
