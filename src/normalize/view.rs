@@ -45,7 +45,12 @@ struct Cached {
 /// store still has the old state, which must not be read back meanwhile.
 #[derive(Debug, Clone)]
 pub(super) struct Entities {
-    dirty: HashMap<String, Option<Known>>,
+    dirty: HashMap<String, Option<Cached>>,
+    /// Estimated bytes of the dirty states: they count against the cache's budget, so that
+    /// what the view holds stays near `state.cache_mb` while a snapshot fills the delivery
+    /// window (the dirty states then leave no room for delivered ones, which a snapshot does
+    /// not read again anyway).
+    dirty_bytes: usize,
     clean: LruCache<String, Cached>,
     clean_bytes: usize,
 }
@@ -54,6 +59,7 @@ impl Default for Entities {
     fn default() -> Self {
         Self {
             dirty: HashMap::new(),
+            dirty_bytes: 0,
             clean: LruCache::unbounded(),
             clean_bytes: 0,
         }
@@ -63,7 +69,7 @@ impl Default for Entities {
 impl Entities {
     pub(super) fn get(&self, key: &str) -> Option<&Known> {
         match self.dirty.get(key) {
-            Some(d) => d.as_ref(),
+            Some(d) => d.as_ref().map(|c| &c.known),
             None => self.clean.peek(key).map(|c| &c.known),
         }
     }
@@ -75,7 +81,11 @@ impl Entities {
     /// A changed state: dirty until its delivery is committed.
     pub(super) fn insert(&mut self, key: String, known: Known) {
         self.forget_clean(&key);
-        self.dirty.insert(key, Some(known));
+        let bytes = approx_bytes(&key, &known.state);
+        self.dirty_bytes += bytes;
+        if let Some(Some(old)) = self.dirty.insert(key, Some(Cached { known, bytes })) {
+            self.dirty_bytes -= old.bytes;
+        }
     }
 
     /// Removes a state whose removal is published (a `Remove` op): until that is delivered
@@ -89,15 +99,28 @@ impl Entities {
     /// Removes a state that moves elsewhere in the view (a sketch).
     pub(super) fn take(&mut self, key: &str) -> Option<Known> {
         match self.dirty.remove(key) {
-            Some(d) => d,
+            Some(d) => d.map(|c| {
+                self.dirty_bytes -= c.bytes;
+                c.known
+            }),
             None => self.forget_clean(key).map(|c| c.known),
+        }
+    }
+
+    /// Moves a dirty state whose delivery is committed to the cache of delivered ones.
+    fn deliver(&mut self, key: String) {
+        if let Some(Some(c)) = self.dirty.remove(&key) {
+            self.dirty_bytes -= c.bytes;
+            self.forget_clean(&key);
+            self.clean_bytes += c.bytes;
+            self.clean.put(key, c);
         }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&String, &Known)> {
         self.dirty
             .iter()
-            .filter_map(|(k, d)| Some((k, d.as_ref()?)))
+            .filter_map(|(k, d)| Some((k, &d.as_ref()?.known)))
             .chain(self.clean.iter().map(|(k, c)| (k, &c.known)))
     }
 
@@ -118,9 +141,13 @@ impl Entities {
         self.clean.put(key, Cached { known, bytes });
     }
 
-    /// Drops least recently used delivered states until they fit `budget` bytes.
+    /// Drops least recently used delivered states until they and the dirty ones fit `budget`
+    /// bytes. Dirty states stay whatever their size (they are the only copy), and a quarter of
+    /// the budget stays for delivered ones even when dirty states fill the rest, so that a full
+    /// delivery window does not turn every partial diff into a store read.
     fn trim(&mut self, budget: usize) {
-        while self.clean_bytes > budget {
+        let room = budget.saturating_sub(self.dirty_bytes).max(budget / 4);
+        while self.clean_bytes > room {
             match self.clean.pop_lru() {
                 Some((_, c)) => self.clean_bytes -= c.bytes,
                 None => break,
@@ -217,7 +244,7 @@ impl View {
             .entities
             .dirty
             .iter()
-            .filter_map(|(k, d)| Some((k, d.as_ref()?)));
+            .filter_map(|(k, d)| Some((k, &d.as_ref()?.known)));
         for (k, known) in self.published.iter().chain(dirty) {
             if out.get(k).is_none_or(|p| p.version < known.version) {
                 out.insert(k, known);
@@ -244,10 +271,8 @@ impl View {
         }
         for (key, version) in committed {
             let now = self.entities.dirty.get(&key);
-            if now.is_some_and(|d| d.as_ref().map(|k| k.version) == version) {
-                if let Some(Some(known)) = self.entities.dirty.remove(&key) {
-                    self.entities.cache(key, known);
-                }
+            if now.is_some_and(|d| d.as_ref().map(|c| c.known.version) == version) {
+                self.entities.deliver(key);
             }
         }
     }
@@ -583,6 +608,46 @@ mod tests {
             view.get("node:0").is_none(),
             "the least recently used went first"
         );
+    }
+
+    #[test]
+    fn states_in_flight_count_against_the_budget_but_leave_a_quarter_of_it() {
+        let mut store = MemoryStore::default();
+        let state = |i: u64| Arc::new(obj(json!({"id": i.to_string(), "title": "x".repeat(100)})));
+        let ops: Vec<CheckpointOp> = (0..8)
+            .map(|i| CheckpointOp::Upsert {
+                key: format!("node:{i}"),
+                version: 1,
+                state: state(i),
+            })
+            .collect();
+        store.apply(&ops).unwrap();
+        let one = approx_bytes("node:10", &state(10));
+        let mut view = View::new(store.reader(), 8 * one);
+        for i in 0..8 {
+            view.prefetch([format!("node:{i}").as_str()]).unwrap();
+        }
+        assert_eq!(view.len(), 8, "{view:?}");
+        let dirty = |view: &mut View, range: std::ops::Range<u64>| {
+            for i in range {
+                let known = Known {
+                    version: 2,
+                    state: state(i),
+                };
+                view.entities.insert(format!("node:{i}"), known);
+            }
+        };
+        dirty(&mut view, 10..14);
+        view.prefetch([]).unwrap();
+        assert_eq!(view.len(), 4 + 4, "half the budget in flight: {view:?}");
+        dirty(&mut view, 14..30);
+        view.prefetch([]).unwrap();
+        assert_eq!(view.len(), 20 + 2, "in flight past the budget: {view:?}");
+        assert!(view.get("node:7").is_some() && view.get("node:6").is_some());
+        view.delivered((10..30).map(|i| (format!("node:{i}"), Some(2))));
+        view.prefetch([]).unwrap();
+        assert_eq!(view.len(), 8, "delivered, they are cached within it: {view:?}");
+        assert!(view.get("node:29").is_some());
     }
 
     #[test]

@@ -24,9 +24,11 @@ pub mod redb_store;
 pub struct StateConfig {
     /// The redb file; unset keeps the checkpoint in memory (every start is then a first start).
     pub path: Option<PathBuf>,
-    /// Megabytes of parsed entity states the working view keeps in memory besides those in
-    /// flight (least recently used go first; the rest are read back from the store when a
-    /// change needs them). Default 64.
+    /// Megabytes of parsed entity states the working view keeps in memory, those in flight
+    /// (published, not yet checkpointed) included: delivered ones go first, least recently
+    /// used first, and are read back from the store when a change needs them. States in flight
+    /// stay whatever their size, and a quarter of the budget stays for delivered ones.
+    /// Default 64.
     pub cache_mb: usize,
 }
 
