@@ -628,7 +628,7 @@ impl Pipeline {
     async fn release_held_known(&mut self) -> Result<(), AppError> {
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
-        for h in held {
+        for mut h in held {
             let known = h
                 .entity
                 .get("id")
@@ -639,19 +639,20 @@ impl Pipeline {
                 self.keep_held(h);
                 continue;
             }
-            match normalize::apply_entity(
+            let entity = std::mem::take(&mut h.entity);
+            match normalize::apply_owned(
                 &mut self.view,
                 &self.ctx,
                 h.kind,
-                &h.entity,
+                entity,
                 Origin::Diff,
                 &h.trace,
             ) {
-                Outcome::NeedsSnapshot => self.keep_held(h),
-                o => {
-                    self.outcome(o, "graph:diff", h.kind, &h.entity, &h.trace)
-                        .await?
+                (Outcome::NeedsSnapshot, back) => {
+                    h.entity = back.unwrap_or_default();
+                    self.keep_held(h)
                 }
+                (o, back) => self.outcome(o, "graph:diff", h.kind, back, &h.trace).await?,
             }
         }
         metrics().pending_diffs.set(self.held.len() as i64);
@@ -689,11 +690,12 @@ impl Pipeline {
                 }
                 continue;
             }
-            let o = normalize::apply_entity(
+            let entity = std::mem::take(&mut h.entity);
+            let (o, back) = normalize::apply_owned(
                 &mut self.view,
                 &self.ctx,
                 h.kind,
-                &h.entity,
+                entity,
                 Origin::Diff,
                 &h.trace,
             );
@@ -701,19 +703,16 @@ impl Pipeline {
                 Outcome::NeedsSnapshot if after_snapshot => {
                     inc(&metrics().stale_changes_total);
                 }
-                Outcome::NeedsSnapshot if h.tries < 2 => {
-                    skipping += 1;
-                    self.keep_held(h);
-                }
                 Outcome::NeedsSnapshot => {
-                    unknown += 1;
+                    if h.tries < 2 {
+                        skipping += 1;
+                    } else {
+                        unknown += 1;
+                    }
+                    h.entity = back.unwrap_or_default();
                     self.keep_held(h);
                 }
-                o => {
-                    let entity = h.entity;
-                    self.outcome(o, "graph:diff", h.kind, &entity, &h.trace)
-                        .await?
-                }
+                o => self.outcome(o, "graph:diff", h.kind, back, &h.trace).await?,
             }
         }
         metrics().pending_diffs.set(self.held.len() as i64);
@@ -736,9 +735,11 @@ impl Pipeline {
         o: Outcome,
         event: &str,
         kind: EntityKind,
-        entity: &Map<String, Value>,
+        entity: Option<Map<String, Value>>,
         trace: &TraceContext,
     ) -> Result<(), AppError> {
+        // `apply_owned` hands the entry back with every outcome but `Changed`.
+        let entity = entity.unwrap_or_default();
         match o {
             Outcome::Changed(g) => self.submit(g).await,
             Outcome::Stale => {
@@ -752,14 +753,14 @@ impl Pipeline {
             Outcome::NeedsSnapshot => {
                 self.hold(
                     kind,
-                    entity.clone(),
+                    entity,
                     trace,
                     "a diff changed an entity never seen in full",
                 );
                 Ok(())
             }
             Outcome::Invalid(reason) => {
-                let raw = Value::Object(entity.clone()).to_string().into_bytes();
+                let raw = Value::Object(entity).to_string().into_bytes();
                 self.dead_letter(event, &raw, &reason, trace).await
             }
         }
@@ -827,24 +828,34 @@ impl Pipeline {
                 slot: _slot,
             } => {
                 let keys = entity_keys(&items);
-                self.prefetch(keys.iter().map(String::as_str))?;
+                // The page's states become dirty as it is applied, while the source reads and
+                // parses the next page (of about the same size): room for both is made first, so
+                // that `state.cache_mb` bounds the parsed states of a snapshot, not only its cache.
+                let incoming = 2 * items
+                    .iter()
+                    .map(|(_, e)| normalize::approx_bytes("", e))
+                    .sum::<usize>();
+                self.release_delivered();
+                self.view
+                    .prefetch_page(keys.iter().map(String::as_str), incoming)?;
                 for (kind, entity) in items {
-                    let o = normalize::apply_entity(
+                    let (o, back) = normalize::apply_owned(
                         &mut self.view,
                         &self.ctx,
                         kind,
-                        &entity,
+                        entity,
                         Origin::Snapshot,
                         &trace,
                     );
                     if self.snapshot_before && matches!(o, Outcome::Changed(_)) {
                         inc(&metrics().snapshot_changes_total);
                     }
-                    self.outcome(o, "graph:get", kind, &entity, &trace).await?;
+                    self.outcome(o, "graph:get", kind, back, &trace).await?;
                 }
                 if !self.held.is_empty() {
                     self.release_held_known().await?;
                 }
+                tracing::debug!(view = ?self.view, delivery = ?self.delivery, "snapshot page applied");
             }
             GraphEvent::SnapshotDone {
                 mut seen,
@@ -946,15 +957,15 @@ impl Pipeline {
                                 self.hold(kind, entity, &trace, "a diff skipped versions");
                                 continue;
                             }
-                            let o = normalize::apply_entity(
+                            let (o, back) = normalize::apply_owned(
                                 &mut self.view,
                                 &self.ctx,
                                 kind,
-                                &entity,
+                                entity,
                                 Origin::Diff,
                                 &trace,
                             );
-                            self.outcome(o, "graph:diff", kind, &entity, &trace).await?;
+                            self.outcome(o, "graph:diff", kind, back, &trace).await?;
                         }
                     }
                 }

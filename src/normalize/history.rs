@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{apply_entity, status_of, Ctx, Group, Outcome, View};
+use super::{apply_owned, status_of, Ctx, Group, Outcome, View};
 use crate::record::{Body, EntityKind, Origin, Record, TraceContext};
 use crate::state::CheckpointOp;
 
@@ -331,7 +331,7 @@ pub fn apply_batch(
         let outcome = if skips {
             Outcome::Stale
         } else {
-            apply_entity(view, ctx, kind, &entry, Origin::History, trace)
+            apply_owned(view, ctx, kind, entry, Origin::History, trace).0
         };
         match outcome {
             Outcome::Changed(mut g) => {
@@ -452,6 +452,7 @@ pub fn gap(
 
 #[cfg(test)]
 mod tests {
+    use super::super::apply_entity;
     use super::super::fixtures::{ctx, obj, trace};
     use super::*;
     use serde_json::json;

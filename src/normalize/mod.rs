@@ -11,7 +11,7 @@
 pub mod history;
 mod view;
 
-pub use view::{Known, SeenKeys, View};
+pub use view::{approx_bytes, Known, SeenKeys, View};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -183,7 +183,8 @@ pub fn skips_versions(view: &View, kind: EntityKind, entry: &Map<String, Value>)
     version > known.version.saturating_add(separate + other)
 }
 
-/// Applies one entity (a snapshot item or a diff entry) to the view.
+/// Applies one entity (a snapshot item or a diff entry) to the view. [`apply_owned`] without
+/// giving up the entry (it is copied).
 pub fn apply_entity(
     view: &mut View,
     ctx: &Ctx,
@@ -192,27 +193,47 @@ pub fn apply_entity(
     origin: Origin,
     trace: &TraceContext,
 ) -> Outcome {
+    apply_owned(view, ctx, kind, entry.clone(), origin, trace).0
+}
+
+/// Applies one entity (a snapshot item or a diff entry) to the view, moving its fields into
+/// the new state rather than copying them: a snapshot page then shrinks as it is applied
+/// instead of staying whole beside the states made from it. The entry comes back when it
+/// did not become a state (`Stale`, `NeedsSnapshot`, `Invalid`, a purge): a held diff or a
+/// dead letter needs it.
+pub fn apply_owned(
+    view: &mut View,
+    ctx: &Ctx,
+    kind: EntityKind,
+    entry: Map<String, Value>,
+    origin: Origin,
+    trace: &TraceContext,
+) -> (Outcome, Option<Map<String, Value>>) {
     let Some(id) = entry.get("id").and_then(Value::as_str) else {
-        return Outcome::Invalid("entry without a string id".into());
+        return (
+            Outcome::Invalid("entry without a string id".into()),
+            Some(entry),
+        );
     };
     if !crate::record::is_token(id) {
-        return Outcome::Invalid(format!(
+        let reason = format!(
             "{} id is not an identifier ({} bytes, control characters or spaces)",
             kind.as_str(),
             id.len()
-        ));
+        );
+        return (Outcome::Invalid(reason), Some(entry));
     }
+    // The id lives on in the key, since the entry's fields move into the new state.
+    let key = kind.key(id);
+    let id = &key[key.len() - id.len()..];
     // Records carry the version as a signed 64-bit sequence (Avro `long`, Java consumers), and
     // a version at the top of the range would leave no room for the next one.
     if let Some(v) = entry.get("version").and_then(Value::as_u64) {
         if v > MAX_VERSION {
-            return Outcome::Invalid(format!(
-                "{} {id} version {v} is past {MAX_VERSION}",
-                kind.as_str()
-            ));
+            let reason = format!("{} {id} version {v} is past {MAX_VERSION}", kind.as_str());
+            return (Outcome::Invalid(reason), Some(entry));
         }
     }
-    let key = kind.key(id);
     let known = view.entities.get(&key);
     let sketch = if known.is_none() {
         view.sketches.get(&key).cloned()
@@ -222,7 +243,7 @@ pub fn apply_entity(
 
     if entry.get("deleted").and_then(Value::as_bool) == Some(true) {
         let Some(known) = known.or(sketch.as_ref()) else {
-            return Outcome::Stale;
+            return (Outcome::Stale, Some(entry));
         };
         // A purge carries no version (DECISIONS #1); it is one op past the last known one.
         let version = entry
@@ -230,7 +251,7 @@ pub fn apply_entity(
             .and_then(Value::as_u64)
             .unwrap_or(known.version.saturating_add(1));
         if version <= known.version {
-            return Outcome::Stale;
+            return (Outcome::Stale, Some(entry));
         }
         let before = known.state.clone();
         view.entities.remove(&key);
@@ -247,22 +268,24 @@ pub fn apply_entity(
             origin,
             trace,
         );
-        return Outcome::Changed(Group {
+        let group = Group {
             records: vec![record],
             tombstone: Some((kind, id.to_string())),
             ops: vec![CheckpointOp::Remove { key }],
-        });
+        };
+        return (Outcome::Changed(group), Some(entry));
     }
 
     let Some(version) = entry.get("version").and_then(Value::as_u64) else {
-        return Outcome::Invalid(format!("{} {id} without an integer version", kind.as_str()));
+        let reason = format!("{} {id} without an integer version", kind.as_str());
+        return (Outcome::Invalid(reason), Some(entry));
     };
     if known
         .or(sketch.as_ref())
         .is_some_and(|k| version <= k.version)
         || view.deleted.get(&key).is_some_and(|d| version <= *d)
     {
-        return Outcome::Stale;
+        return (Outcome::Stale, Some(entry));
     }
     // After a restart, consumers may have seen a newer version than the delivered one (it was
     // published, not yet acknowledged, when the process died). A change newer than that one
@@ -283,7 +306,10 @@ pub fn apply_entity(
     }
     let known = published.as_ref().or(known);
     let trashing = entry.get("inTrash").and_then(Value::as_bool) == Some(true);
-    let full = looks_full(kind, entry);
+    let full = looks_full(kind, &entry);
+    // The change happened when the entry says; a partial entry that does not say happened now,
+    // not at the previous edit time still in the merged state.
+    let dated = entry.contains_key("lastEditedTime");
     // A trash of an entity never seen in full is published from what it says, as a trash
     // listing's entry is, and kept apart the same way (below). It is common, not exotic: an
     // entity skipped by a snapshot's pages or changed and trashed while they were read (after
@@ -291,12 +317,12 @@ pub fn apply_entity(
     // for a snapshot instead asked, under load, for one after another.
     let sketched = known.is_none() && trashing && !full;
     let (change, before, mut after) = match known {
-        None if !(full || trashing) => return Outcome::NeedsSnapshot,
+        None if !(full || trashing) => return (Outcome::NeedsSnapshot, Some(entry)),
         // A whole entity restores what was only known from the trash listing.
         None if full && sketch.is_some() => (
             Change::Restored,
             sketch.as_ref().map(|k| k.state.clone()),
-            entry.clone(),
+            entry,
         ),
         None => (
             if trashing {
@@ -305,13 +331,13 @@ pub fn apply_entity(
                 Change::Created
             },
             None,
-            entry.clone(),
+            entry,
         ),
         Some(k) => {
             // The one copy a change costs: the merged state; everything else shares it.
             let mut after = Map::clone(&k.state);
             for (f, v) in entry {
-                after.insert(f.clone(), v.clone());
+                after.insert(f, v);
             }
             let change = if trashing {
                 Change::Trashed
@@ -326,9 +352,7 @@ pub fn apply_entity(
     if change == Change::Restored {
         after.insert("inTrash".into(), Value::Bool(false));
     }
-    // The change happened when the entry says; a partial entry that does not say happened now,
-    // not at the previous edit time still in the merged state.
-    if before.is_some() && !entry.contains_key("lastEditedTime") {
+    if before.is_some() && !dated {
         after.insert("lastEditedTime".into(), Value::String(ctx.now.clone()));
     }
     let after = Arc::new(after);
@@ -381,7 +405,7 @@ pub fn apply_entity(
             },
         });
     }
-    Outcome::Changed(Group {
+    let group = Group {
         records,
         tombstone: None,
         ops: vec![CheckpointOp::Upsert {
@@ -389,7 +413,8 @@ pub fn apply_entity(
             version,
             state: after,
         }],
-    })
+    };
+    (Outcome::Changed(group), None)
 }
 
 /// An unusable entry of a diff: its position among the payload's entries (nodes, then links),
@@ -598,7 +623,8 @@ pub fn missing_after_snapshot(
             }
         }
         let unknown = !view.entities.contains_key(key);
-        if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
+        if let (Outcome::Changed(g), _) =
+            apply_owned(view, ctx, kind, entry, Origin::Snapshot, trace)
         {
             out.groups.push(g);
         }
@@ -653,7 +679,8 @@ pub fn missing_after_snapshot(
             entry.insert("version".into(), Value::from(version));
             out.unresolved.push(key.clone());
         }
-        if let Outcome::Changed(g) = apply_entity(view, ctx, kind, &entry, Origin::Snapshot, trace)
+        if let (Outcome::Changed(g), _) =
+            apply_owned(view, ctx, kind, entry, Origin::Snapshot, trace)
         {
             out.groups.push(g);
         }
@@ -875,6 +902,40 @@ mod tests {
         match o {
             Outcome::Changed(g) => g,
             other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_owned_entry_becomes_the_state_or_comes_back() {
+        let mut view = View::default();
+        let apply = |view: &mut View, e: Value| {
+            apply_owned(
+                view,
+                &ctx(),
+                EntityKind::Node,
+                obj(e),
+                Origin::Diff,
+                &trace(),
+            )
+        };
+        let (o, back) = apply(&mut view, seed_node());
+        assert!(matches!(o, Outcome::Changed(_)) && back.is_none());
+        let id = "d83d2f10-f4c9-49b8-a93b-f8b0f2db1e54";
+        let (o, back) = apply(&mut view, json!({"id": id, "status": 2, "version": 3}));
+        let g = changed(o);
+        assert!(back.is_none());
+        let r = g.records[0].to_json();
+        assert_eq!((r["before"]["status"].clone(), r["after"]["status"].clone()), (json!(0), json!(2)));
+        assert_eq!(r["after"]["title"], seed_node()["title"]);
+        // Not applied: the caller gets the entry back, unchanged, to hold or dead-letter.
+        for (e, stale) in [
+            (json!({"id": id, "status": 1, "version": 2}), true),
+            (json!({"id": "n2", "status": 1, "version": 2}), false),
+            (json!({"id": id, "status": 1}), false),
+        ] {
+            let (o, back) = apply(&mut view, e.clone());
+            assert_eq!(matches!(o, Outcome::Stale), stale, "{o:?}");
+            assert_eq!(back, Some(obj(e)));
         }
     }
 

@@ -145,8 +145,10 @@ impl Entities {
     /// bytes. Dirty states stay whatever their size (they are the only copy), and a quarter of
     /// the budget stays for delivered ones even when dirty states fill the rest, so that a full
     /// delivery window does not turn every partial diff into a store read.
-    fn trim(&mut self, budget: usize) {
-        let room = budget.saturating_sub(self.dirty_bytes).max(budget / 4);
+    fn trim(&mut self, budget: usize, incoming: usize) {
+        let room = budget
+            .saturating_sub(self.dirty_bytes.saturating_add(incoming))
+            .max(budget / 4);
         while self.clean_bytes > room {
             match self.clean.pop_lru() {
                 Some((_, c)) => self.clean_bytes -= c.bytes,
@@ -161,7 +163,7 @@ impl Entities {
 /// headers), and the cache about 100 per entry. Doubled for what the allocator adds (size
 /// classes, spare capacity, pages it cannot return): `benches/memory.sh` measured 104 MB more
 /// resident memory for 56 MB more of the undoubled estimate.
-fn approx_bytes(key: &str, state: &Map<String, Value>) -> usize {
+pub fn approx_bytes(key: &str, state: &Map<String, Value>) -> usize {
     fn value(v: &Value) -> usize {
         match v {
             Value::String(s) => s.len(),
@@ -280,7 +282,7 @@ impl View {
     /// Trims the cache of delivered states to its budget (between events).
     pub fn trim(&mut self) {
         if self.reader.is_some() {
-            self.entities.trim(self.cache_bytes);
+            self.entities.trim(self.cache_bytes, 0);
         }
     }
 
@@ -290,7 +292,20 @@ impl View {
         &mut self,
         keys: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), StateError> {
-        self.trim();
+        self.prefetch_page(keys, 0)
+    }
+
+    /// [`View::prefetch`] for an event that brings about `incoming` bytes of new states (a
+    /// snapshot page, [`approx_bytes`]): the cache makes room for them first, so that the view
+    /// stays within its budget once they are dirty, not a page over it.
+    pub fn prefetch_page<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a str>,
+        incoming: usize,
+    ) -> Result<(), StateError> {
+        if self.reader.is_some() {
+            self.entities.trim(self.cache_bytes, incoming);
+        }
         self.load(keys)
     }
 
@@ -648,6 +663,11 @@ mod tests {
         view.prefetch([]).unwrap();
         assert_eq!(view.len(), 8, "delivered, they are cached within it: {view:?}");
         assert!(view.get("node:29").is_some());
+        view.prefetch_page([], 5 * one).unwrap();
+        assert_eq!(view.len(), 3, "room made for a page's states: {view:?}");
+        view.prefetch_page(["node:0"], 100 * one).unwrap();
+        assert_eq!(view.len(), 2 + 1, "a quarter stays, and what the page needs: {view:?}");
+        assert!(view.get("node:0").is_some());
     }
 
     #[test]
