@@ -161,6 +161,7 @@ pub async fn run(r: &Reader) -> Result<SnapshotEnd, SourceError> {
         None
     };
     progress.finish();
+    seen.seal();
     r.set_expected_objects(seen.len() as u64);
     inc(&metrics().snapshots_total);
     tracing::info!(
