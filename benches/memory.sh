@@ -3,7 +3,8 @@
 # RSS one second after start, RSS once the snapshot is delivered, and the peak (VmHWM).
 # Uses the release binary; the simulator runs as its own process, so its memory is not counted.
 #   bash benches/memory.sh [NODES] [LINKS]     (default 60000 60000, about 118,000 objects)
-# STATE_CACHE_MB sets state.cache_mb (default: the connector's, 64).
+# STATE_CACHE_MB sets state.cache_mb (default: the connector's, 64). The environment is passed
+# on, so `MIMALLOC_ARENA_EAGER_COMMIT=0 bash benches/memory.sh` measures the container's setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:-60000}
