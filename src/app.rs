@@ -658,7 +658,10 @@ impl Pipeline {
                     h.entity = back.unwrap_or_default();
                     self.keep_held(h)
                 }
-                (o, back) => self.outcome(o, "graph:diff", h.kind, back, &h.trace).await?,
+                (o, back) => {
+                    self.outcome(o, "graph:diff", h.kind, back, &h.trace)
+                        .await?
+                }
             }
         }
         metrics().pending_diffs.set(self.held.len() as i64);
@@ -718,7 +721,10 @@ impl Pipeline {
                     h.entity = back.unwrap_or_default();
                     self.keep_held(h);
                 }
-                o => self.outcome(o, "graph:diff", h.kind, back, &h.trace).await?,
+                o => {
+                    self.outcome(o, "graph:diff", h.kind, back, &h.trace)
+                        .await?
+                }
             }
         }
         metrics().pending_diffs.set(self.held.len() as i64);

@@ -925,7 +925,10 @@ mod tests {
         let g = changed(o);
         assert!(back.is_none());
         let r = g.records[0].to_json();
-        assert_eq!((r["before"]["status"].clone(), r["after"]["status"].clone()), (json!(0), json!(2)));
+        assert_eq!(
+            (r["before"]["status"].clone(), r["after"]["status"].clone()),
+            (json!(0), json!(2))
+        );
         assert_eq!(r["after"]["title"], seed_node()["title"]);
         // Not applied: the caller gets the entry back, unchanged, to hold or dead-letter.
         for (e, stale) in [

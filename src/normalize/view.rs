@@ -692,12 +692,20 @@ mod tests {
         assert!(view.get("node:7").is_some() && view.get("node:6").is_some());
         view.delivered((10..30).map(|i| (format!("node:{i}"), Some(2))));
         view.prefetch([]).unwrap();
-        assert_eq!(view.len(), 8, "delivered, they are cached within it: {view:?}");
+        assert_eq!(
+            view.len(),
+            8,
+            "delivered, they are cached within it: {view:?}"
+        );
         assert!(view.get("node:29").is_some());
         view.prefetch_page([], 5 * one).unwrap();
         assert_eq!(view.len(), 3, "room made for a page's states: {view:?}");
         view.prefetch_page(["node:0"], 100 * one).unwrap();
-        assert_eq!(view.len(), 2 + 1, "a quarter stays, and what the page needs: {view:?}");
+        assert_eq!(
+            view.len(),
+            2 + 1,
+            "a quarter stays, and what the page needs: {view:?}"
+        );
         assert!(view.get("node:0").is_some());
     }
 
