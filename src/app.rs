@@ -367,8 +367,18 @@ impl Pipeline {
     /// (reading them from the store when they are not in memory), after letting it know which
     /// of its states the store now has.
     fn prefetch<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) -> Result<(), AppError> {
+        self.prefetch_page(keys, 0)
+    }
+
+    /// [`Pipeline::prefetch`] for an event that brings about `incoming` bytes of new states
+    /// ([`normalize::View::prefetch_page`]).
+    fn prefetch_page<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a str>,
+        incoming: usize,
+    ) -> Result<(), AppError> {
         self.release_delivered();
-        self.view.prefetch(keys)?;
+        self.view.prefetch_page(keys, incoming)?;
         Ok(())
     }
 
@@ -847,9 +857,7 @@ impl Pipeline {
                     .iter()
                     .map(|(_, e)| normalize::approx_bytes("", e))
                     .sum::<usize>();
-                self.release_delivered();
-                self.view
-                    .prefetch_page(keys.iter().map(String::as_str), incoming)?;
+                self.prefetch_page(keys.iter().map(String::as_str), incoming)?;
                 for (kind, entity) in items {
                     let (o, back) = normalize::apply_owned(
                         &mut self.view,

@@ -111,9 +111,7 @@ impl Entities {
     fn deliver(&mut self, key: String) {
         if let Some(Some(c)) = self.dirty.remove(&key) {
             self.dirty_bytes -= c.bytes;
-            self.forget_clean(&key);
-            self.clean_bytes += c.bytes;
-            self.clean.put(key, c);
+            self.put_clean(key, c);
         }
     }
 
@@ -136,9 +134,13 @@ impl Entities {
 
     fn cache(&mut self, key: String, known: Known) {
         let bytes = approx_bytes(&key, &known.state);
+        self.put_clean(key, Cached { known, bytes });
+    }
+
+    fn put_clean(&mut self, key: String, c: Cached) {
         self.forget_clean(&key);
-        self.clean_bytes += bytes;
-        self.clean.put(key, Cached { known, bytes });
+        self.clean_bytes += c.bytes;
+        self.clean.put(key, c);
     }
 
     /// Drops least recently used delivered states until they and the dirty ones fit `budget`
@@ -628,20 +630,29 @@ mod tests {
         assert_eq!(d.unresolved, ["node:b", "node:c"]);
     }
 
-    #[test]
-    fn the_cache_keeps_its_budget_and_the_latest_used() {
+    fn sized_state(i: u64) -> Arc<Map<String, Value>> {
+        Arc::new(obj(json!({"id": i.to_string(), "title": "x".repeat(100)})))
+    }
+
+    /// A view over a store holding `node:0` .. `node:{stored - 1}` (version 1, each about
+    /// `one` bytes), with a budget of `budget` of them; and `one`.
+    fn view_over_stored(stored: u64, budget: usize) -> (View, usize) {
         let mut store = MemoryStore::default();
-        let state = |i: u64| Arc::new(obj(json!({"id": i.to_string(), "title": "x".repeat(100)})));
-        let ops: Vec<CheckpointOp> = (0..100)
+        let ops: Vec<CheckpointOp> = (0..stored)
             .map(|i| CheckpointOp::Upsert {
                 key: format!("node:{i}"),
                 version: 1,
-                state: state(i),
+                state: sized_state(i),
             })
             .collect();
         store.apply(&ops).unwrap();
-        let one = approx_bytes("node:10", &state(10));
-        let mut view = View::new(store.reader(), 10 * one);
+        let one = approx_bytes("node:10", &sized_state(10));
+        (View::new(store.reader(), budget * one), one)
+    }
+
+    #[test]
+    fn the_cache_keeps_its_budget_and_the_latest_used() {
+        let (mut view, _) = view_over_stored(100, 10);
         let keys: Vec<String> = (0..100).map(|i| format!("node:{i}")).collect();
         for k in &keys {
             view.prefetch([k.as_str()]).unwrap();
@@ -658,18 +669,7 @@ mod tests {
 
     #[test]
     fn states_in_flight_count_against_the_budget_but_leave_a_quarter_of_it() {
-        let mut store = MemoryStore::default();
-        let state = |i: u64| Arc::new(obj(json!({"id": i.to_string(), "title": "x".repeat(100)})));
-        let ops: Vec<CheckpointOp> = (0..8)
-            .map(|i| CheckpointOp::Upsert {
-                key: format!("node:{i}"),
-                version: 1,
-                state: state(i),
-            })
-            .collect();
-        store.apply(&ops).unwrap();
-        let one = approx_bytes("node:10", &state(10));
-        let mut view = View::new(store.reader(), 8 * one);
+        let (mut view, one) = view_over_stored(8, 8);
         for i in 0..8 {
             view.prefetch([format!("node:{i}").as_str()]).unwrap();
         }
@@ -678,7 +678,7 @@ mod tests {
             for i in range {
                 let known = Known {
                     version: 2,
-                    state: state(i),
+                    state: sized_state(i),
                 };
                 view.entities.insert(format!("node:{i}"), known);
             }
