@@ -45,10 +45,8 @@ const VERSION_LEN: usize = 8;
 
 /// redb's default cache is 1 GiB. Entity reads are the working view's cache misses (it keeps
 /// the parsed states it uses, `state.cache_mb`) and the pages they need are in the OS page
-/// cache anyway, so a small cache keeps the connector's memory predictable. 4 MB rather than
-/// 16: `bash benches/memory.sh 500000 500000` peaked at 127 MB instead of 156, in about the
-/// same time (the snapshot is bound by the simulator, and commits by their fsync).
-const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// cache anyway, so a small cache keeps the connector's memory predictable.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The delivered checkpoint in a redb file.
 pub struct RedbStore {
