@@ -88,24 +88,30 @@ struct Outcome {
 }
 
 async fn measure(
+    sim_rt: &tokio::runtime::Handle,
     sink: &'static str,
     rate: f64,
     dir: &std::path::Path,
     configure: impl FnOnce(&mut Config),
 ) -> Outcome {
     let stop = CancellationToken::new();
-    let handle = sim::start(
-        SimConfig {
-            tokens: format!("{TOKEN}:{UID}"),
-            rate,
-            nodes: 2000,
-            links: 2400,
-            ..SimConfig::default()
-        },
-        stop.clone(),
-    )
-    .await
-    .expect("simulator");
+    // The simulator stands for a remote server: on its own runtime, so that its page
+    // handlers (which hold the world for tens of milliseconds) do not take the connector's
+    // worker threads. It still shares the machine's cores.
+    let handle = sim_rt
+        .spawn(sim::start(
+            SimConfig {
+                tokens: format!("{TOKEN}:{UID}"),
+                rate,
+                nodes: 2000,
+                links: 2400,
+                ..SimConfig::default()
+            },
+            stop.clone(),
+        ))
+        .await
+        .expect("simulator task")
+        .expect("simulator");
     let mut cfg = support::in_process_config(
         handle.url(),
         TOKEN,
@@ -117,6 +123,12 @@ async fn measure(
     {
         cfg.source.history_interval_ms = ms;
     }
+    if let Some(n) = std::env::var("BENCH_HISTORY_PAGE_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.source.history_page_limit = n;
+    }
     configure(&mut cfg);
 
     let stamps = Arc::new(Mutex::new(Stamps::default()));
@@ -127,7 +139,11 @@ async fn measure(
             let mut s = stamps.lock().unwrap_or_else(|e| e.into_inner());
             if s.measuring {
                 s.diffs += 1;
-                for key in diff_keys(diff) {
+                let keys = diff_keys(diff);
+                if keys.len() >= 20 && std::env::var_os("BENCH_DEBUG").is_some() {
+                    eprintln!("large diff: {} entities", keys.len());
+                }
+                for key in keys {
                     s.sent.insert(key, now);
                 }
             }
@@ -197,6 +213,24 @@ async fn measure(
                 l.as_secs_f64() * 1000.0
             );
         }
+        // The 100 ms windows whose worst record took over 5 ms: how long each stall lasted.
+        let mut windows: std::collections::BTreeMap<u64, (usize, Duration)> = Default::default();
+        for (at, l) in &s.timeline {
+            let w = windows
+                .entry((at.duration_since(started).as_secs_f64() * 10.0) as u64)
+                .or_default();
+            w.0 += 1;
+            w.1 = w.1.max(*l);
+        }
+        for (w, (n, worst)) in windows {
+            if worst > Duration::from_millis(5) {
+                eprintln!(
+                    "{sink} {rate}: window +{:.1} s: {n} records, worst {:.2} ms",
+                    w as f64 / 10.0,
+                    worst.as_secs_f64() * 1000.0
+                );
+            }
+        }
     }
     Outcome {
         sink,
@@ -209,6 +243,14 @@ async fn measure(
 }
 
 fn main() {
+    // `RUST_LOG=taskstream=debug` shows what the connector was doing around a stall.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rates: Vec<f64> = std::env::var("BENCH_RATES")
         .unwrap_or_else(|_| "1000,10000".into())
         .split(',')
@@ -218,6 +260,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let sim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sim")
+        .enable_all()
+        .build()
+        .expect("simulator runtime");
+    let sim_handle = sim_rt.handle().clone();
     let dir = tempfile::tempdir().expect("tempdir");
     rt.block_on(async {
         let tansu = support::Tansu::start().await;
@@ -226,14 +275,14 @@ fn main() {
         for &rate in &rates {
             let bootstrap = tansu.bootstrap();
             outcomes.push(
-                measure("kafka", rate, dir.path(), |c| {
+                measure(&sim_handle, "kafka", rate, dir.path(), |c| {
                     support::use_kafka(c, &bootstrap)
                 })
                 .await,
             );
             let url = nats.url();
             outcomes.push(
-                measure("nats-jetstream", rate, dir.path(), |c| {
+                measure(&sim_handle, "nats-jetstream", rate, dir.path(), |c| {
                     support::use_jetstream(c, &url)
                 })
                 .await,

@@ -315,6 +315,10 @@ impl Inbox {
     }
 }
 
+/// Handling an event for longer than this is logged at debug level: the events behind it
+/// waited that long.
+const SLOW_EVENT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// The single task that applies source events in order.
 struct Pipeline {
     inbox: Inbox,
@@ -819,7 +823,17 @@ impl Pipeline {
         self.received_at = std::time::SystemTime::now();
         let (source, kind) = ev.labels();
         crate::metrics::event(source, kind);
+        let started = std::time::Instant::now();
         let result = self.handle_event(ev).await;
+        let took = started.elapsed();
+        if took > SLOW_EVENT {
+            tracing::debug!(
+                source,
+                kind,
+                ms = took.as_millis() as u64,
+                "slow source event"
+            );
+        }
         // The event's span ends with its handling; its records' spans go on until their acks.
         self.event_span = None;
         result

@@ -213,7 +213,8 @@ impl axum::serve::Listener for CutListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.inner.accept().await {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
+                    crate::no_delay(&mut stream);
                     let cut = Arc::new(Cut::default());
                     lock(&self.conns.conns).insert(peer, cut.clone());
                     let io = CuttableStream {

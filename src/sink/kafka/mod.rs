@@ -254,6 +254,9 @@ impl KafkaSink {
         // rate is about 13 % lower with 0 than with 5. lz4 is cheap on CPU. `properties`
         // overrides any of these.
         config.set("linger.ms", "0");
+        // Nagle's algorithm would hold a request written while the previous one is
+        // unacknowledged until the broker's delayed ACK (about 40 ms on Linux).
+        config.set("socket.nagle.disable", "true");
         config.set("compression.type", "lz4");
         config.set("batch.num.messages", "10000");
         config.set("batch.size", "1048576");

@@ -173,7 +173,10 @@ async fn catch_up_scope(
         } else {
             r.cfg.history_page_limit
         };
-        let ack = match r.read("history:page", request(scope, limit, offset)).await {
+        let asked = std::time::Instant::now();
+        let read = r.read("history:page", request(scope, limit, offset)).await;
+        tracing::debug!(scope = %key, offset, limit, ms = asked.elapsed().as_millis() as u64, "history page read");
+        let ack = match read {
             Ok(ack) => ack,
             Err(ReadError::NotImplemented(code)) => {
                 return Ok(Ok(Some(Gap {
