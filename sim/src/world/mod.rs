@@ -239,7 +239,8 @@ pub struct World {
     pub sets: Vec<OwnerSets>,
     deleted_nodes: Vec<(Uuid, u64, usize)>,
     deleted_links: Vec<(Uuid, u64, usize)>,
-    batches: Vec<Batch>,
+    /// Shared, so that a `history:page` answer takes them out of the world's lock.
+    batches: Vec<std::sync::Arc<Batch>>,
     transitions: Vec<Transition>,
     next_op_id: u64,
     next_seq: u64,
@@ -706,7 +707,7 @@ impl World {
         self.stats.mutations += 1;
         self.stats.ops += tx.ops.len() as u64;
         self.transitions.extend(tx.transitions);
-        self.batches.push(Batch {
+        self.batches.push(std::sync::Arc::new(Batch {
             id: tx.batch_id,
             actor: tx.actor,
             owner: tx.owner,
@@ -714,7 +715,7 @@ impl World {
             ops: tx.ops,
             roots,
             mutation: tx.mutation,
-        });
+        }));
         Applied {
             owner: tx.owner,
             diff: json!({"nodes": nodes_out, "links": links_out}),

@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -130,6 +132,20 @@ impl World {
         limit: i64,
         offset: i64,
     ) -> Result<Value, ApiError> {
+        self.history_select(user, scope_type, scope_id, limit, offset)
+            .map(|page| page.to_json())
+    }
+
+    /// [`World::history_page`]'s batches, chosen without writing them out: the server holds
+    /// the world's lock only for this, and writes the page after releasing it.
+    pub fn history_select(
+        &self,
+        user: usize,
+        scope_type: &str,
+        scope_id: &str,
+        limit: i64,
+        offset: i64,
+    ) -> Result<HistoryPage, ApiError> {
         let (limit, offset) = check_range(limit, offset, 1000)?;
         let filter: Box<dyn Fn(&Batch) -> bool> = match scope_type {
             "GRAPH" => {
@@ -156,24 +172,25 @@ impl World {
             }
             _ => return Err(INVALID_SCOPE),
         };
-        let matching: Vec<&Batch> = self.batches.iter().filter(|b| filter(b)).collect();
+        let matching: Vec<&Arc<Batch>> = self.batches.iter().filter(|b| filter(b)).collect();
         // Retention keeps the newest batches of the scope's list, whatever order it is paged in.
         let kept = match self.read_shape.history_retention {
             0 => &matching[..],
             n => &matching[matching.len().saturating_sub(n)..],
         };
-        let ordered: Box<dyn Iterator<Item = &&Batch>> = if self.read_shape.history_oldest_first {
-            Box::new(kept.iter())
-        } else {
-            Box::new(kept.iter().rev())
-        };
-        let out: Vec<Value> = ordered
+        let ordered: Box<dyn Iterator<Item = &&Arc<Batch>>> =
+            if self.read_shape.history_oldest_first {
+                Box::new(kept.iter())
+            } else {
+                Box::new(kept.iter().rev())
+            };
+        let batches: Vec<(Arc<Batch>, Value)> = ordered
             .skip(offset)
             .take(limit)
-            .map(|b| self.batch_json(b))
+            .map(|b| (Arc::clone(b), actor_json(&self.users[b.actor])))
             .collect();
-        let has_more = kept.len() > offset.saturating_add(out.len());
-        Ok(json!({"ok": true, "hasMore": has_more, "batches": out}))
+        let has_more = kept.len() > offset.saturating_add(batches.len());
+        Ok(HistoryPage { batches, has_more })
     }
 
     /// `trash:page`: the caller's trashed nodes, then trashed links, each by `lastEditedTime`
@@ -220,22 +237,7 @@ impl World {
     }
 
     fn batch_json(&self, b: &Batch) -> Value {
-        let actor = &self.users[b.actor];
-        json!({
-            "batchId": b.id.to_string(),
-            "actor": {"username": actor.username, "email": actor.email},
-            "ts": b.ts,
-            "undone": false,
-            "ops": b.ops.iter().map(|o| json!({
-                "id": o.id,
-                "type": o.kind,
-                "entityId": o.entity_id.to_string(),
-                "forwardPatch": o.forward,
-                "inversePatch": o.inverse,
-                "guard": {"Version": o.guard_version},
-                "createdTime": o.created_time,
-            })).collect::<Vec<_>>(),
-        })
+        batch_json(b, actor_json(&self.users[b.actor]))
     }
 
     /// The ground truth as `GET /truth` serves it.
@@ -334,4 +336,47 @@ fn check_range(limit: i64, offset: i64, max: i64) -> Result<(usize, usize), ApiE
     }
     // Both were just checked to be non-negative and small enough for usize.
     Ok((limit as usize, offset as usize))
+}
+
+/// A `history:page` answer: the batches chosen under the world's lock, written out after.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// Each batch with its actor as the API shows it.
+    batches: Vec<(Arc<Batch>, Value)>,
+    has_more: bool,
+}
+
+impl HistoryPage {
+    /// The ack payload.
+    pub fn to_json(&self) -> Value {
+        let out: Vec<Value> = self
+            .batches
+            .iter()
+            .map(|(b, actor)| batch_json(b, actor.clone()))
+            .collect();
+        json!({"ok": true, "hasMore": self.has_more, "batches": out})
+    }
+}
+
+fn actor_json(actor: &User) -> Value {
+    json!({"username": actor.username, "email": actor.email})
+}
+
+/// A batch in the shape of facts §7.
+fn batch_json(b: &Batch, actor: Value) -> Value {
+    json!({
+        "batchId": b.id.to_string(),
+        "actor": actor,
+        "ts": b.ts,
+        "undone": false,
+        "ops": b.ops.iter().map(|o| json!({
+            "id": o.id,
+            "type": o.kind,
+            "entityId": o.entity_id.to_string(),
+            "forwardPatch": o.forward,
+            "inversePatch": o.inverse,
+            "guard": {"Version": o.guard_version},
+            "createdTime": o.created_time,
+        })).collect::<Vec<_>>(),
+    })
 }
