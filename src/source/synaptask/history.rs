@@ -91,6 +91,21 @@ fn batches_of(ack: &Value) -> Vec<Map<String, Value>> {
         .unwrap_or_default()
 }
 
+/// [`batches_of`], moving the batches out of the ack instead of copying them: a catch-up page
+/// holds up to 1,000 of them.
+fn take_batches(ack: &mut Value) -> Vec<Map<String, Value>> {
+    match ack.get_mut("batches").map(Value::take) {
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|b| match b {
+                Value::Object(m) => Some(m),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn order_of(batches: &[Map<String, Value>]) -> Option<Order> {
     let ids: Vec<u64> = batches.iter().filter_map(max_op_id).collect();
     match (ids.first(), ids.last()) {
@@ -176,7 +191,7 @@ async fn catch_up_scope(
         let asked = std::time::Instant::now();
         let read = r.read("history:page", request(scope, limit, offset)).await;
         tracing::debug!(scope = %key, offset, limit, ms = asked.elapsed().as_millis() as u64, "history page read");
-        let ack = match read {
+        let mut ack = match read {
             Ok(ack) => ack,
             Err(ReadError::NotImplemented(code)) => {
                 return Ok(Ok(Some(Gap {
@@ -203,8 +218,10 @@ async fn catch_up_scope(
                 .await?;
             }
         }
-        let batches = batches_of(&ack);
-        progress.page(batches.len() as u64);
+        let more = ack.get("hasMore").and_then(Value::as_bool) == Some(true);
+        let batches = take_batches(&mut ack);
+        let listed = batches.len() as u64;
+        progress.page(listed);
         if st.order.is_none() {
             st.order = order_of(&batches);
         }
@@ -220,35 +237,34 @@ async fn catch_up_scope(
                 continue;
             }
         }
-        for b in &batches {
-            let Some(m) = max_op_id(b) else { continue };
+        for b in batches {
+            let Some(m) = max_op_id(&b) else { continue };
             oldest = Some(oldest.map_or(m, |o: u64| o.min(m)));
             if m <= cursor {
                 reached = true;
                 continue;
             }
-            let Some(id) = b.get("batchId").and_then(Value::as_str) else {
+            let Some(id) = b.get("batchId").and_then(Value::as_str).map(str::to_string) else {
                 r.malformed(
                     "history:page",
-                    Value::Object(b.clone()).to_string().into_bytes(),
+                    Value::Object(b).to_string().into_bytes(),
                     "history batch without a string batchId".into(),
                 )
                 .await?;
                 continue;
             };
-            if ids.insert(id.to_string()) {
-                collected.push((m, b.clone()));
+            if ids.insert(id) {
+                collected.push((m, b));
             }
         }
-        let more = ack.get("hasMore").and_then(Value::as_bool) == Some(true);
-        offset += batches.len() as u64;
+        offset += listed;
         if oldest_first {
             st.resume = offset;
         }
         if (!oldest_first && reached) || !more {
             break;
         }
-        if batches.is_empty() {
+        if listed == 0 {
             tracing::warn!(
                 offset,
                 "history:page said hasMore with an empty page; ending the catch-up there"
