@@ -9,10 +9,18 @@
 //! takes its snapshot and warms up for `BENCH_WARMUP_SECS` (default 2) before the measured
 //! `BENCH_SECS` (default 20, so two periodic history polls fall inside) begin.
 //! `BENCH_HISTORY_INTERVAL_MS` sets the connector's history poll interval (default 10000;
-//! 0 = no periodic polls), to tell the polls' share of the tail apart.
+//! 0 = no periodic polls), to tell the polls' share of the tail apart;
+//! `BENCH_HISTORY_PAGE_LIMIT` sets its pages' size (default 1000, the API's most).
 //!
 //! The simulator, the connector and the broker clients share this process and the machine's
-//! cores with the brokers, as they would in a small deployment; the figures include that.
+//! cores with the brokers, as they would in a small deployment; the figures include that. The
+//! simulator runs on a runtime of its own: it stands for a remote server, and its read
+//! handlers, which hold its world for milliseconds, must not take the connector's workers.
+//!
+//! `BENCH_DEBUG=1` also prints the 40 slowest records, the 100 ms windows whose worst record
+//! took over 5 ms (how long each stall lasted) and diffs of 20 entities or more;
+//! `RUST_LOG=taskstream=debug` adds the connector's log (slow source events, history page
+//! reads) with times since start.
 //!
 //! Run: `cargo bench --bench latency` (needs tansu and nats-server, as the tests do).
 
