@@ -84,15 +84,8 @@ pub enum CatchUpEnd {
     Failed(ReadError),
 }
 
-fn batches_of(ack: &Value) -> Vec<Map<String, Value>> {
-    ack.get("batches")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_object).cloned().collect())
-        .unwrap_or_default()
-}
-
-/// [`batches_of`], moving the batches out of the ack instead of copying them: a catch-up page
-/// holds up to 1,000 of them.
+/// The ack's batch objects, moved out of it rather than copied: a catch-up page holds up to
+/// 1,000 of them.
 fn take_batches(ack: &mut Value) -> Vec<Map<String, Value>> {
     match ack.get_mut("batches").map(Value::take) {
         Some(Value::Array(items)) => items
@@ -130,15 +123,15 @@ pub async fn probe_head(r: &Reader, scope: &Scope, st: &mut ScopeState) -> Resul
         } else {
             r.cfg.history_page_limit
         };
-        let ack = r
+        let mut ack = r
             .read("history:page", request(scope, limit, offset))
             .await?;
-        let batches = batches_of(&ack);
+        let more = ack.get("hasMore").and_then(Value::as_bool) == Some(true);
+        let batches = take_batches(&mut ack);
         if st.order.is_none() {
             st.order = order_of(&batches);
         }
         head = head.max(batches.iter().filter_map(max_op_id).max().unwrap_or(0));
-        let more = ack.get("hasMore").and_then(Value::as_bool) == Some(true);
         // Newest first (or unknown), the first page has the head; oldest first, the last one.
         if st.order != Some(Order::OldestFirst) || !more || batches.is_empty() {
             if st.order == Some(Order::OldestFirst) {
