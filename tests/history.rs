@@ -383,8 +383,9 @@ fn removals_while_a_snapshot_is_read_leave_no_entity_unread() {
     while !c.log().contains("snapshot merged") {
         assert!(
             std::time::Instant::now() < deadline,
-            "no snapshot merged:\n{}",
-            c.log()
+            "no snapshot merged:\n{}\nmetrics: {:?}",
+            c.log(),
+            c.metrics()
         );
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -372,6 +372,11 @@ impl Session {
         self.took_diff(m)
     }
 
+    /// How many received diffs wait to be taken: the ones that arrived before this moment.
+    pub fn diffs_waiting(&self) -> usize {
+        self.diffs.len()
+    }
+
     /// A handle for acked calls, usable while [`Session::next`] is awaited elsewhere.
     pub fn caller(&self) -> Caller {
         Caller {
