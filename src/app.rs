@@ -808,7 +808,12 @@ impl Pipeline {
         let span = self.event_span.take();
         let now = self.ctx.now.clone();
         let received_at = self.received_at;
-        while let Some(ev) = self.inbox.live_diff() {
+        // Only what waits now: diffs arriving faster than they are handled would otherwise
+        // keep the rest of the page waiting for as long as the stream lasts.
+        for _ in 0..self.inbox.rx.len() {
+            let Some(ev) = self.inbox.live_diff() else {
+                break;
+            };
             // Boxed: `handle` is what called this.
             Box::pin(self.handle(ev)).await?;
         }
