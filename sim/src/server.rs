@@ -544,7 +544,7 @@ impl Sim {
         if !(data.is_object() || data.is_null()) {
             return Err(BAD_PAYLOAD);
         }
-        let world = lock(&self.world);
+        let mut world = lock(&self.world);
         match event {
             "graph:get" => {
                 let limit = int_param(data, "limit", 1000)?;

@@ -249,7 +249,23 @@ pub struct World {
     pub stats: WorldStats,
     /// Deviations of the read answers from the documented service.
     pub read_shape: ReadShape,
+    /// The last `graph:get` listing, reused while the world is unchanged: a snapshot's pages
+    /// then cost their own length instead of a walk over the whole graph each (a real server
+    /// pages from an index; 1,000,000 objects took 0.7 s a page here).
+    listing: Option<std::sync::Arc<Listing>>,
 }
+
+/// The ids `graph:get` pages over for one user, and the state of the world they were taken in.
+#[derive(Debug)]
+pub(crate) struct Listing {
+    key: ListingKey,
+    nodes: Vec<Uuid>,
+    links: Vec<Uuid>,
+}
+
+/// What a listing depends on: every change that can add, remove, trash or restore an object
+/// stamps an op or changes a count.
+type ListingKey = (usize, u64, u64, usize, usize);
 
 /// Now as an RFC 3339 UTC time to the second, as the API writes times.
 pub fn now_rfc3339() -> String {
@@ -360,6 +376,7 @@ impl World {
             rng: ChaCha8Rng::seed_from_u64(seed),
             stats: WorldStats::default(),
             read_shape: ReadShape::default(),
+            listing: None,
         }
     }
 
@@ -862,6 +879,35 @@ mod tests {
         assert_eq!(seen, 15 + 14);
         assert_eq!(w.graph_page(0, 0, 0).unwrap_err(), OUT_OF_RANGE);
         assert_eq!(w.graph_page(0, 5001, 0).unwrap_err(), OUT_OF_RANGE);
+    }
+
+    #[test]
+    fn cached_graph_listings_page_as_fresh_ones_while_the_world_changes() {
+        let mut w = World::new(vec![user(1), user(2)], 5);
+        let mut ids = Vec::new();
+        let mut last = None;
+        for i in 0..40 {
+            let a = w.add_node(i % 2, new_node(0), last.map(|p| (p, 0)));
+            last = Some(first_id(&a));
+            ids.push(first_id(&a));
+        }
+        for user in [0, 1] {
+            for (step, offset) in (0..50).step_by(6).enumerate() {
+                // Changes between pages: a trash, a restore, an update, a new node.
+                match step % 4 {
+                    0 => drop(w.trash_node(ids[step * 3 % ids.len()])),
+                    1 => drop(w.restore_node(ids[(step - 1) * 3 % ids.len()])),
+                    2 => drop(w.add_node(user, new_node(0), None)),
+                    _ => {}
+                }
+                let mut fresh = w.clone();
+                fresh.listing = None;
+                let cached = w.graph_page(user, 6, offset).unwrap();
+                assert_eq!(cached, fresh.graph_page(user, 6, offset).unwrap());
+                // Asked again with nothing changed: served from the listing.
+                assert_eq!(cached, w.graph_page(user, 6, offset).unwrap());
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,14 @@ use super::*;
 use crate::model::{Link, Node};
 
 impl World {
+    /// `limit` as `read_shape.page_cap` caps it.
+    fn capped(&self, limit: usize) -> usize {
+        match self.read_shape.page_cap {
+            0 => limit,
+            cap => limit.min(cap),
+        }
+    }
+
     /// Visible, non-trashed nodes of a user in page order (createdTime, then id: DECISIONS #6).
     fn page_nodes<'a>(&'a self, ids: impl Iterator<Item = &'a Node>) -> Vec<&'a Node> {
         let mut v: Vec<&Node> = ids.filter(|n| !n.in_trash).collect();
@@ -28,10 +36,7 @@ impl World {
     /// One page over the list "all nodes, then all links" (DECISIONS #6), at most
     /// `read_shape.page_cap` objects long when a cap is set.
     fn page(&self, nodes: &[&Node], links: &[&Link], limit: usize, offset: usize) -> Value {
-        let limit = match self.read_shape.page_cap {
-            0 => limit,
-            cap => limit.min(cap),
-        };
+        let limit = self.capped(limit);
         let total = nodes.len() + links.len();
         let end = offset.saturating_add(limit).min(total);
         let mut memo = HashMap::new();
@@ -50,22 +55,62 @@ impl World {
     }
 
     /// `graph:get`: the caller's whole graph, paged.
-    pub fn graph_page(&self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
+    pub fn graph_page(&mut self, user: usize, limit: i64, offset: i64) -> Result<Value, ApiError> {
         let (limit, offset) = check_range(limit, offset, 5000)?;
-        // Already in page order (`page_nodes` / `page_links` order, without their sort).
-        let nodes: Vec<&Node> = self
-            .node_order
+        let key = (
+            user,
+            self.next_op_id,
+            self.stats.mutations,
+            self.nodes.len(),
+            self.links.len(),
+        );
+        let listing = match &self.listing {
+            Some(l) if l.key == key => Arc::clone(l),
+            _ => {
+                // Already in page order (`page_nodes` / `page_links` order, without their sort).
+                let nodes = self
+                    .node_order
+                    .iter()
+                    .filter(|(_, id)| {
+                        self.nodes
+                            .get(id)
+                            .is_some_and(|n| n.owner == user && !n.in_trash)
+                    })
+                    .map(|(_, id)| *id)
+                    .collect();
+                let links = self
+                    .link_order
+                    .iter()
+                    .filter(|(_, id)| {
+                        self.links
+                            .get(id)
+                            .is_some_and(|l| l.owner == user && self.link_active(l))
+                    })
+                    .map(|(_, id)| *id)
+                    .collect();
+                let l = Arc::new(Listing { key, nodes, links });
+                self.listing = Some(Arc::clone(&l));
+                l
+            }
+        };
+        // Only the page's own objects are looked up.
+        let (limit, total) = (
+            self.capped(limit),
+            listing.nodes.len() + listing.links.len(),
+        );
+        let (start, end) = (offset.min(total), offset.saturating_add(limit).min(total));
+        let split = listing.nodes.len();
+        let nodes: Vec<&Node> = listing.nodes[start.min(split)..end.min(split)]
             .iter()
-            .filter_map(|(_, id)| self.nodes.get(id))
-            .filter(|n| n.owner == user && !n.in_trash)
+            .filter_map(|id| self.nodes.get(id))
             .collect();
-        let links: Vec<&Link> = self
-            .link_order
+        let links: Vec<&Link> = listing.links[start.max(split) - split..end.max(split) - split]
             .iter()
-            .filter_map(|(_, id)| self.links.get(id))
-            .filter(|l| l.owner == user && self.link_active(l))
+            .filter_map(|id| self.links.get(id))
             .collect();
-        Ok(self.page(&nodes, &links, limit, offset))
+        let mut page = self.page(&nodes, &links, limit, 0);
+        page["hasMore"] = Value::Bool(end < total);
+        Ok(page)
     }
 
     /// `branch:get`: the branch under `root` (a node id visible to the caller, or a public token).
