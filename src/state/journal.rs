@@ -113,11 +113,22 @@ impl Journal {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
+        // Written line by line through a small buffer: a compaction during a large snapshot
+        // keeps tens of thousands of states, and one buffer of them all was a 49 MB spike at
+        // the top of a 1,000,000-object snapshot's peak memory.
+        let mut out = std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::fs::File::create(&tmp).map_err(io(path))?,
+        );
         let mut buf = Vec::new();
+        let mut bytes = 0u64;
         for (k, p) in entries {
+            buf.clear();
             line(&mut buf, k, p.version, &p.state)?;
+            out.write_all(&buf).map_err(io(path))?;
+            bytes += buf.len() as u64;
         }
-        std::fs::write(&tmp, &buf).map_err(io(path))?;
+        out.into_inner().map_err(|e| io(path)(e.into_error()))?;
         std::fs::rename(&tmp, path).map_err(io(path))?;
         let file = std::fs::OpenOptions::new()
             .append(true)
@@ -126,8 +137,8 @@ impl Journal {
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            bytes: buf.len() as u64,
-            buf: Vec::new(),
+            bytes,
+            buf,
         })
     }
 
