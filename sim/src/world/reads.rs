@@ -2,6 +2,7 @@
 //! the `/truth` document, as documented or as a [`ReadShape`] says.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 
 use std::sync::Arc;
 
@@ -12,14 +13,6 @@ use super::*;
 use crate::model::{Link, Node};
 
 impl World {
-    /// `limit` as `read_shape.page_cap` caps it.
-    fn capped(&self, limit: usize) -> usize {
-        match self.read_shape.page_cap {
-            0 => limit,
-            cap => limit.min(cap),
-        }
-    }
-
     /// Visible, non-trashed nodes of a user in page order (createdTime, then id: DECISIONS #6).
     fn page_nodes<'a>(&'a self, ids: impl Iterator<Item = &'a Node>) -> Vec<&'a Node> {
         let mut v: Vec<&Node> = ids.filter(|n| !n.in_trash).collect();
@@ -33,25 +26,51 @@ impl World {
         v
     }
 
-    /// One page over the list "all nodes, then all links" (DECISIONS #6), at most
-    /// `read_shape.page_cap` objects long when a cap is set.
-    fn page(&self, nodes: &[&Node], links: &[&Link], limit: usize, offset: usize) -> Value {
-        let limit = self.capped(limit);
-        let total = nodes.len() + links.len();
-        let end = offset.saturating_add(limit).min(total);
+    /// Which part of the list "all nodes, then all links" (DECISIONS #6) the page at `offset`
+    /// holds: its node and link index ranges, and whether more follow. At most `limit` objects,
+    /// and at most `read_shape.page_cap` when a cap is set.
+    fn window(
+        &self,
+        nodes: usize,
+        links: usize,
+        limit: usize,
+        offset: usize,
+    ) -> (Range<usize>, Range<usize>, bool) {
+        let limit = match self.read_shape.page_cap {
+            0 => limit,
+            cap => limit.min(cap),
+        };
+        let total = nodes + links;
+        let (start, end) = (offset.min(total), offset.saturating_add(limit).min(total));
+        (
+            start.min(nodes)..end.min(nodes),
+            start.max(nodes) - nodes..end.max(nodes) - nodes,
+            end < total,
+        )
+    }
+
+    /// A page's answer from its objects.
+    fn page_json<'a>(
+        &self,
+        nodes: impl Iterator<Item = &'a Node>,
+        links: impl Iterator<Item = &'a Link>,
+        has_more: bool,
+    ) -> Value {
         let mut memo = HashMap::new();
-        let mut nodes_out = Vec::new();
-        let mut links_out = Vec::new();
-        for i in offset.min(total)..end {
-            if i < nodes.len() {
-                let n = nodes[i];
+        let nodes_out: Vec<Value> = nodes
+            .map(|n| {
                 let roots = self.roots_of(n.id, &mut memo);
-                nodes_out.push(n.api_json(&self.users[n.owner], &roots));
-            } else {
-                links_out.push(links[i - nodes.len()].api_json());
-            }
-        }
-        json!({"ok": true, "hasMore": end < total, "nodes": nodes_out, "links": links_out})
+                n.api_json(&self.users[n.owner], &roots)
+            })
+            .collect();
+        let links_out: Vec<Value> = links.map(Link::api_json).collect();
+        json!({"ok": true, "hasMore": has_more, "nodes": nodes_out, "links": links_out})
+    }
+
+    /// One page over the list "all nodes, then all links" (see [`World::window`]).
+    fn page(&self, nodes: &[&Node], links: &[&Link], limit: usize, offset: usize) -> Value {
+        let (n, l, more) = self.window(nodes.len(), links.len(), limit, offset);
+        self.page_json(nodes[n].iter().copied(), links[l].iter().copied(), more)
     }
 
     /// `graph:get`: the caller's whole graph, paged.
@@ -94,23 +113,12 @@ impl World {
             }
         };
         // Only the page's own objects are looked up.
-        let (limit, total) = (
-            self.capped(limit),
-            listing.nodes.len() + listing.links.len(),
-        );
-        let (start, end) = (offset.min(total), offset.saturating_add(limit).min(total));
-        let split = listing.nodes.len();
-        let nodes: Vec<&Node> = listing.nodes[start.min(split)..end.min(split)]
-            .iter()
-            .filter_map(|id| self.nodes.get(id))
-            .collect();
-        let links: Vec<&Link> = listing.links[start.max(split) - split..end.max(split) - split]
-            .iter()
-            .filter_map(|id| self.links.get(id))
-            .collect();
-        let mut page = self.page(&nodes, &links, limit, 0);
-        page["hasMore"] = Value::Bool(end < total);
-        Ok(page)
+        let (n, l, more) = self.window(listing.nodes.len(), listing.links.len(), limit, offset);
+        Ok(self.page_json(
+            listing.nodes[n].iter().filter_map(|id| self.nodes.get(id)),
+            listing.links[l].iter().filter_map(|id| self.links.get(id)),
+            more,
+        ))
     }
 
     /// `branch:get`: the branch under `root` (a node id visible to the caller, or a public token).
