@@ -22,6 +22,12 @@
 //! `RUST_LOG=taskstream=debug` adds the connector's log (slow source events, history page
 //! reads) with times since start.
 //!
+//! The ceiling rows measure the same brokers without the connector: the same client library,
+//! with the sink's producer settings, publishing pre-encoded records of a record's size at the
+//! rate the connector acknowledged, each timed from its send to its acknowledgement. The
+//! connector's percentiles over the ceiling's, in the same run, are the figures to compare
+//! across machines; a broker whose own p99 is above a target cannot meet it through any client.
+//!
 //! Run: `cargo bench --bench latency` (needs tansu and nats-server, as the tests do).
 
 #[path = "../tests/support/mod.rs"]
@@ -31,6 +37,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use taskstream::app::{self, RunOptions};
 use taskstream::config::Config;
@@ -250,6 +258,114 @@ async fn measure(
     }
 }
 
+/// The bytes of a typical JSON change record (`cargo bench --bench encode`: 1,244).
+const RECORD_BYTES: usize = 1244;
+
+/// Sends `per_tick` records every millisecond for `secs` through `send`, which returns when
+/// the record is acknowledged; the latency of each, sorted.
+async fn paced<F, Fut>(records_per_sec: f64, secs: f64, send: F) -> Vec<Duration>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut due = 0.0f64;
+    let mut i = 0u64;
+    let mut acks = futures_util::stream::FuturesUnordered::new();
+    let mut out = Vec::new();
+    while started.elapsed().as_secs_f64() < secs {
+        tick.tick().await;
+        due += records_per_sec / 1000.0;
+        while due >= 1.0 {
+            due -= 1.0;
+            let sent = Instant::now();
+            let ack = send(i);
+            i += 1;
+            // Awaited on their own tasks, as the sinks' acknowledgements are, so a slow ack
+            // delays no send.
+            acks.push(tokio::spawn(async move {
+                ack.await;
+                sent.elapsed()
+            }));
+        }
+        while let Some(Some(l)) = futures_util::FutureExt::now_or_never(acks.next()) {
+            out.push(l.expect("ack task"));
+        }
+    }
+    while let Some(l) = acks.next().await {
+        out.push(l.expect("ack task"));
+    }
+    out.sort_unstable();
+    out
+}
+
+/// A raw librdkafka producer with the Kafka sink's settings.
+async fn kafka_ceiling(bootstrap: &str, records_per_sec: f64, secs: f64) -> Vec<Duration> {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("socket.nagle.disable", "true")
+        .set("compression.type", "lz4")
+        .set("batch.num.messages", "10000")
+        .set("batch.size", "1048576")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("producer");
+    let payload = Arc::new(vec![b'x'; RECORD_BYTES]);
+    // Connected, with its producer id, before anything is timed (as the connector is after
+    // its snapshot and warm-up).
+    for i in 0..100 {
+        let key = format!("warm{i}");
+        let rec = FutureRecord::to("bench.latency")
+            .key(&key)
+            .payload(payload.as_slice());
+        let _ = producer.send(rec, Duration::from_secs(30)).await;
+    }
+    paced(records_per_sec, secs, move |i| {
+        let key = format!("node:k{}:{i}", i % 5000);
+        let rec = FutureRecord::to("bench.latency")
+            .key(&key)
+            .payload(payload.as_slice());
+        let ack = producer.send_result(rec).expect("ceiling producer queue");
+        async move {
+            ack.await.expect("ack").expect("delivered");
+        }
+    })
+    .await
+}
+
+/// A raw async-nats JetStream publisher, one `Nats-Msg-Id` per record, as the sink publishes.
+async fn nats_ceiling(url: &str, records_per_sec: f64, secs: f64) -> Vec<Duration> {
+    let client = async_nats::connect(url).await.expect("nats");
+    let js = async_nats::jetstream::new(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "LATENCY_CEILING".into(),
+        subjects: vec!["latency.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let payload = bytes::Bytes::from(vec![b'x'; RECORD_BYTES]);
+    paced(records_per_sec, secs, move |i| {
+        let js = js.clone();
+        let payload = payload.clone();
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", format!("node:k{i}:1").as_str());
+            let ack = js
+                .publish_with_headers("latency.x", h, payload)
+                .await
+                .expect("publish");
+            ack.await.expect("ack");
+        }
+    })
+    .await
+}
+
 fn main() {
     // `RUST_LOG=taskstream=debug` shows what the connector was doing around a stall.
     if std::env::var_os("RUST_LOG").is_some() {
@@ -278,8 +394,10 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     rt.block_on(async {
         let tansu = support::Tansu::start().await;
+        tansu.create_topic("bench.latency", 3).await;
         let nats = support::Nats::start().await;
         let mut outcomes = Vec::new();
+        let secs = env_or("BENCH_SECS", 20.0f64);
         for &rate in &rates {
             let bootstrap = tansu.bootstrap();
             outcomes.push(
@@ -295,18 +413,47 @@ fn main() {
                 })
                 .await,
             );
+            // The ceilings at the rate of records the connector's runs acknowledged.
+            let n = outcomes.len();
+            let records_per_sec = (outcomes[n - 2].sorted.len() as f64
+                / outcomes[n - 2].secs)
+                .max(outcomes[n - 1].sorted.len() as f64 / outcomes[n - 1].secs);
+            for (sink, sorted) in [
+                (
+                    "kafka-raw",
+                    kafka_ceiling(&bootstrap, records_per_sec, secs).await,
+                ),
+                (
+                    "jetstream-raw",
+                    nats_ceiling(&url, records_per_sec, secs).await,
+                ),
+            ] {
+                outcomes.push(Outcome {
+                    sink,
+                    rate,
+                    sent: (records_per_sec * secs) as usize,
+                    sorted,
+                    unmatched: 0,
+                    secs,
+                });
+            }
         }
         println!(
             "{:<15} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "sink", "target", "diffs/s", "records", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "matched"
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         for o in &outcomes {
-            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let raw = o.sink.ends_with("-raw");
             println!(
-                "{:<15} {:>8.0} {:>8.0} {:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.1}%",
+                "{:<15} {:>8.0} {:>8} {:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.1}%",
                 o.sink,
                 o.rate,
-                o.sent as f64 / o.secs,
+                if raw {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", o.sent as f64 / o.secs)
+                },
                 o.sorted.len(),
                 ms(percentile(&o.sorted, 50.0)),
                 ms(percentile(&o.sorted, 99.0)),
@@ -316,6 +463,22 @@ fn main() {
                     / (o.sorted.len() as u64 + o.unmatched).max(1) as f64,
             );
         }
-        println!("target: the simulator's rate; diffs/s: diffs sent per second while measuring; records: acknowledged records matched to their diff (by entity and version); matched: their share of the records acknowledged while measuring");
+        println!("target: the simulator's rate; diffs/s: diffs sent per second while measuring; records: acknowledged records matched to their diff (by entity and version); matched: their share of the records acknowledged while measuring; kafka-raw, jetstream-raw: the client library alone at the connector's record rate (the ceiling)");
+        for o in outcomes.iter().filter(|o| !o.sink.ends_with("-raw")) {
+            let raw = if o.sink == "kafka" { "kafka-raw" } else { "jetstream-raw" };
+            if let Some(c) = outcomes.iter().find(|c| c.sink == raw && c.rate == o.rate) {
+                let ratio = |p: f64| {
+                    ms(percentile(&o.sorted, p)) / ms(percentile(&c.sorted, p)).max(0.001)
+                };
+                println!(
+                    "{} {:.0}/s against the raw client: p50 x{:.2}, p99 x{:.2}, p99.9 x{:.2}",
+                    o.sink,
+                    o.rate,
+                    ratio(50.0),
+                    ratio(99.0),
+                    ratio(99.9)
+                );
+            }
+        }
     });
 }
