@@ -47,23 +47,6 @@ struct Run {
     cpu: f64,
 }
 
-/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`.
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat; what follows the name starts at field 3.
-    // The kernel reports them in USER_HZ, 100 per second on Linux.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn counter(c: &prometheus_client::metrics::counter::Counter) -> u64 {
     c.get()
 }
@@ -153,7 +136,7 @@ async fn connector_run(
         counter(&metrics().diffs_dropped_total),
     );
     let start = Instant::now();
-    let cpu0 = cpu_secs();
+    let cpu0 = support::cpu_secs();
     http_post(handle.port, "/load/start").await;
     while counter(&metrics().diffs_received_total) - diffs0 < events {
         if app_task.is_finished() {
@@ -169,7 +152,7 @@ async fn connector_run(
         records: counter(&metrics().records_total) - records0,
         secs,
         dropped: counter(&metrics().diffs_dropped_total) - dropped0,
-        cpu: cpu_secs() - cpu0,
+        cpu: support::cpu_secs() - cpu0,
     };
     eprintln!(
         "{sink}: {} diffs -> {} records in {:.2} s ({} dropped)",

@@ -101,6 +101,8 @@ struct Outcome {
     sorted: Vec<Duration>,
     unmatched: u64,
     secs: f64,
+    /// CPU seconds of this process (simulator, connector, clients) per second measured.
+    cpu: f64,
 }
 
 async fn measure(
@@ -203,6 +205,7 @@ async fn measure(
     let secs = env_or("BENCH_SECS", 20.0f64);
     stamps.lock().unwrap_or_else(|e| e.into_inner()).measuring = true;
     let started = Instant::now();
+    let cpu0 = support::cpu_secs();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     let sent = {
         let mut s = stamps.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,6 +213,7 @@ async fn measure(
         s.diffs
     };
     let measured = started.elapsed().as_secs_f64();
+    let cpu = support::cpu_secs() - cpu0;
     // Let the records of the last diffs be acknowledged before the run stops.
     tokio::time::sleep(Duration::from_secs(3)).await;
     app_stop.cancel();
@@ -255,6 +259,7 @@ async fn measure(
         sorted,
         unmatched: s.unmatched,
         secs: measured,
+        cpu: cpu / measured,
     }
 }
 
@@ -435,18 +440,19 @@ fn main() {
                     sorted,
                     unmatched: 0,
                     secs,
+                    cpu: f64::NAN,
                 });
             }
         }
         println!(
-            "{:<15} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "sink", "target", "diffs/s", "records", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "matched"
+            "{:<15} {:>8} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "sink", "target", "diffs/s", "records", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "matched", "cpu"
         );
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         for o in &outcomes {
             let raw = o.sink.ends_with("-raw");
             println!(
-                "{:<15} {:>8.0} {:>8} {:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.1}%",
+                "{:<15} {:>8.0} {:>8} {:>10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.1}% {:>7.2}",
                 o.sink,
                 o.rate,
                 if raw {
@@ -461,9 +467,10 @@ fn main() {
                 ms(o.sorted.last().copied().unwrap_or_default()),
                 100.0 * o.sorted.len() as f64
                     / (o.sorted.len() as u64 + o.unmatched).max(1) as f64,
+                o.cpu,
             );
         }
-        println!("target: the simulator's rate; diffs/s: diffs sent per second while measuring; records: acknowledged records matched to their diff (by entity and version); matched: their share of the records acknowledged while measuring; kafka-raw, jetstream-raw: the client library alone at the connector's record rate (the ceiling)");
+        println!("target: the simulator's rate; diffs/s: diffs sent per second while measuring; records: acknowledged records matched to their diff (by entity and version); matched: their share of the records acknowledged while measuring; cpu: CPU seconds per second of this process (simulator, connector, clients; not the broker); kafka-raw, jetstream-raw: the client library alone at the connector's record rate (the ceiling)");
         for o in outcomes.iter().filter(|o| !o.sink.ends_with("-raw")) {
             let raw = if o.sink == "kafka" { "kafka-raw" } else { "jetstream-raw" };
             if let Some(c) = outcomes.iter().find(|c| c.sink == raw && c.rate == o.rate) {

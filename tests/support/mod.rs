@@ -37,3 +37,20 @@ pub fn free_port() -> u16 {
         .expect("local_addr of bound listener")
         .port()
 }
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`.
+pub fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; what follows the name starts at field 3.
+    // The kernel reports them in USER_HZ, 100 per second on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
