@@ -266,8 +266,8 @@ async fn measure(
 /// The bytes of a typical JSON change record (`cargo bench --bench encode`: 1,244).
 const RECORD_BYTES: usize = 1244;
 
-/// Sends `per_tick` records every millisecond for `secs` through `send`, which returns when
-/// the record is acknowledged; the latency of each, sorted.
+/// Sends `records_per_sec` records a second, in millisecond ticks, for `secs` through `send`,
+/// whose future resolves when the record is acknowledged; the latency of each, sorted.
 async fn paced<F, Fut>(records_per_sec: f64, secs: f64, send: F) -> Vec<Duration>
 where
     F: Fn(u64) -> Fut,
@@ -306,18 +306,15 @@ where
     out
 }
 
-/// A raw librdkafka producer with the Kafka sink's settings.
+/// A raw librdkafka producer with the Kafka sink's own settings
+/// ([`taskstream::sink::kafka::client_config`]).
 async fn kafka_ceiling(bootstrap: &str, records_per_sec: f64, secs: f64) -> Vec<Duration> {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "0")
-        .set("socket.nagle.disable", "true")
-        .set("compression.type", "lz4")
-        .set("batch.num.messages", "10000")
-        .set("batch.size", "1048576")
-        .set("partitioner", "murmur2_random")
+    let sink = taskstream::sink::kafka::KafkaConfig {
+        brokers: bootstrap.to_string(),
+        ..Default::default()
+    };
+    let producer: FutureProducer = taskstream::sink::kafka::client_config(&sink)
+        .expect("the Kafka sink's settings")
         .create()
         .expect("producer");
     let payload = Arc::new(vec![b'x'; RECORD_BYTES]);

@@ -233,6 +233,49 @@ fn describe_client_error(e: &KafkaError) -> String {
     }
 }
 
+/// The producer's librdkafka settings: the sink's defaults, then `properties` over them, then
+/// the SASL password from `password_env`. Public so that a benchmark's raw producer can use
+/// exactly these. Fails when `password_env` names an unset variable.
+pub fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, SinkError> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &cfg.brokers);
+    config.set("client.id", "taskstream");
+    config.set("enable.idempotence", "true");
+    config.set("acks", "all");
+    // Latency first: automations wait on status changes. A message goes out at once; under
+    // load batches still form while earlier requests are in flight. Measured with
+    // `cargo bench --bench latency` at 1,000 diffs/s: p50/p99 5.6/25 ms with 5 ms (the
+    // librdkafka default), 2.2/9.3 with 1 ms, 0.8/4.9 with 0; the e2e benchmark's Kafka
+    // rate is about 13 % lower with 0 than with 5. lz4 is cheap on CPU. `properties`
+    // overrides any of these.
+    config.set("linger.ms", "0");
+    // Nagle's algorithm would hold a request written while the previous one is
+    // unacknowledged until the broker's delayed ACK (about 40 ms on Linux).
+    config.set("socket.nagle.disable", "true");
+    config.set("compression.type", "lz4");
+    config.set("batch.num.messages", "10000");
+    config.set("batch.size", "1048576");
+    config.set("queue.buffering.max.messages", "200000");
+    // Same key -> same partition as the Java client, so mixed producers agree.
+    config.set("partitioner", "murmur2_random");
+    // librdkafka retries transient errors itself within this bound; past it the message
+    // comes back to us and is resent by a recovery, so a stall never lasts forever.
+    config.set("message.timeout.ms", "300000");
+    // Reconnect quickly after a broker restart (librdkafka's default backs off to 10 s).
+    config.set("reconnect.backoff.ms", "100");
+    config.set("reconnect.backoff.max.ms", "2000");
+    for (key, value) in &cfg.properties {
+        config.set(key, value);
+    }
+    if let Some(var) = cfg.password_env.as_deref() {
+        let secret = Secret::load(Some(var), None)
+            .map_err(|e| fatal(e.to_string()))?
+            .ok_or_else(|| fatal(format!("password_env: variable {var} is unset or empty")))?;
+        config.set("sasl.password", secret.expose());
+    }
+    Ok(config)
+}
+
 impl KafkaSink {
     /// Builds the producer from the config (no network yet: librdkafka connects in the
     /// background). Fails on invalid properties or an unset `password_env` variable.
@@ -242,42 +285,7 @@ impl KafkaSink {
                 "partitions and replication_factor must be at least 1",
             ));
         }
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &cfg.brokers);
-        config.set("client.id", "taskstream");
-        config.set("enable.idempotence", "true");
-        config.set("acks", "all");
-        // Latency first: automations wait on status changes. A message goes out at once; under
-        // load batches still form while earlier requests are in flight. Measured with
-        // `cargo bench --bench latency` at 1,000 diffs/s: p50/p99 5.6/25 ms with 5 ms (the
-        // librdkafka default), 2.2/9.3 with 1 ms, 0.8/4.9 with 0; the e2e benchmark's Kafka
-        // rate is about 13 % lower with 0 than with 5. lz4 is cheap on CPU. `properties`
-        // overrides any of these.
-        config.set("linger.ms", "0");
-        // Nagle's algorithm would hold a request written while the previous one is
-        // unacknowledged until the broker's delayed ACK (about 40 ms on Linux).
-        config.set("socket.nagle.disable", "true");
-        config.set("compression.type", "lz4");
-        config.set("batch.num.messages", "10000");
-        config.set("batch.size", "1048576");
-        config.set("queue.buffering.max.messages", "200000");
-        // Same key -> same partition as the Java client, so mixed producers agree.
-        config.set("partitioner", "murmur2_random");
-        // librdkafka retries transient errors itself within this bound; past it the message
-        // comes back to us and is resent by a recovery, so a stall never lasts forever.
-        config.set("message.timeout.ms", "300000");
-        // Reconnect quickly after a broker restart (librdkafka's default backs off to 10 s).
-        config.set("reconnect.backoff.ms", "100");
-        config.set("reconnect.backoff.max.ms", "2000");
-        for (key, value) in &cfg.properties {
-            config.set(key, value);
-        }
-        if let Some(var) = cfg.password_env.as_deref() {
-            let secret = Secret::load(Some(var), None)
-                .map_err(|e| fatal(e.to_string()))?
-                .ok_or_else(|| fatal(format!("password_env: variable {var} is unset or empty")))?;
-            config.set("sasl.password", secret.expose());
-        }
+        let config = client_config(cfg)?;
 
         let shared = Arc::new(Shared {
             config,
