@@ -85,11 +85,13 @@ async fn settle() {
 /// The line of a `BENCH_ONLY` run: one sink alone, for a profiler.
 fn print_alone(run: &Run) {
     println!(
-        "{}: {} records in {:.2} s = {:.0} records/s",
+        "{}: {} records in {:.2} s = {:.0} records/s ({:.2} CPU s per second, {:.1} per million records)",
         run.sink,
         run.records,
         run.secs,
-        run.records as f64 / run.secs
+        run.records as f64 / run.secs,
+        run.cpu / run.secs,
+        run.cpu / run.records.max(1) as f64 * 1e6
     );
 }
 

@@ -75,25 +75,36 @@ impl Inner {
     /// Waits for a JetStream ack, resending the same message (same `Nats-Msg-Id`) after
     /// retryable failures until the stream acknowledges it, it is refused, or the sink is
     /// dropped.
+    ///
+    /// This runs as one task per message; the resends live in a boxed future of their own,
+    /// so the task's future (copied into every task spawned) is only the wait for the ack.
     pub(super) async fn confirm(
         self: Arc<Self>,
-        conn: Conn,
         publish: Outgoing,
-        mut ack: PublishAckFuture,
+        ack: PublishAckFuture,
     ) -> Result<(), SinkError> {
+        let result = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
+            result = ack => result,
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) => Box::pin(self.resend(publish, error)).await,
+        }
+    }
+
+    /// [`Inner::confirm`] after the first ack failed with `error`.
+    async fn resend(
+        self: Arc<Self>,
+        publish: Outgoing,
+        mut error: async_nats::jetstream::context::PublishError,
+    ) -> Result<(), SinkError> {
+        let conn = self.conn().await?;
         let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         loop {
-            let result = tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
-                result = ack => result,
-            };
-            let error = match result {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
-            };
             let is_missing_stream = error.kind() == PublishErrorKind::StreamNotFound;
             let mut failure = publish_error(&error);
-            loop {
+            let ack = loop {
                 if !failure.is_retryable() {
                     return Err(failure);
                 }
@@ -109,16 +120,21 @@ impl Inner {
                     let _ = self.ensure_stream(&conn.js, Some(STREAM_RECHECK)).await;
                 }
                 let resent = match headers_of(&publish.msg, publish.format) {
-                    Ok(headers) => self.send_js(&conn, &publish, headers).await,
+                    Ok(headers) => self.send_js(conn, &publish, headers).await,
                     Err(e) => return Err(e),
                 };
                 match resent {
-                    Ok(next) => {
-                        ack = next;
-                        break;
-                    }
+                    Ok(next) => break next,
                     Err(e) => failure = e,
                 }
+            };
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(SinkError::Cancelled { sink: NAME.into() }),
+                result = ack => result,
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                Err(e) => error = e,
             }
         }
     }

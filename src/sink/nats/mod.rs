@@ -312,24 +312,78 @@ fn outgoing(
             msg.event
         )));
     }
+    // The body is shared with the message, not copied: a copy of every record (about 1 KB)
+    // showed in the JetStream profile.
+    let len = payload.len();
+    let payload = Bytes::from_owner(Body {
+        msg: Arc::clone(msg),
+        format,
+    });
+    debug_assert_eq!(payload.len(), len);
     Ok(Outgoing {
         subject,
         headers: headers_of(msg, format)?,
-        payload: Bytes::copy_from_slice(payload),
+        payload,
         msg: Arc::clone(msg),
         format,
     })
 }
 
+/// A message's body as the owner of the [`Bytes`] published, so the payload is not copied.
+struct Body {
+    msg: Arc<Message>,
+    format: Format,
+}
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        // `outgoing` made this from a message whose body it had just read, so the body is
+        // there; empty otherwise (never published: the caller returned before).
+        self.msg
+            .body(self.format)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+}
+
+/// The header names records carry, built once: parsing a name (and, for these custom names,
+/// copying it) for every header of every message showed in the JetStream profile.
+const KNOWN_HEADERS: [&str; 10] = [
+    "ce_specversion",
+    "ce_id",
+    "ce_type",
+    "ce_source",
+    "ce_subject",
+    "ce_time",
+    "content-type",
+    "trace_id",
+    "traceparent",
+    "schema_id",
+];
+
+fn header_name(name: &str) -> Result<HeaderName, SinkError> {
+    match KNOWN_HEADERS.iter().find(|k| **k == name) {
+        Some(known) => Ok(HeaderName::from_static(known)),
+        None => HeaderName::from_str(name).map_err(|e| fatal(format!("header {name:?}: {e}"))),
+    }
+}
+
 /// A message's NATS headers: its record headers and the record id as `Nats-Msg-Id`.
 fn headers_of(msg: &Message, format: Format) -> Result<HeaderMap, SinkError> {
     let mut headers = HeaderMap::new();
-    for (name, value) in msg.headers_for(format) {
-        let name =
-            HeaderName::from_str(name).map_err(|e| fatal(format!("header {name:?}: {e}")))?;
-        let value = HeaderValue::from_str(&value)
-            .map_err(|e| fatal(format!("header {name} value: {e}")))?;
-        headers.append(name, value);
+    let pairs = msg.headers_for(format);
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        let value =
+            HeaderValue::from_str(value).map_err(|e| fatal(format!("header {name} value: {e}")))?;
+        let repeated = pairs[..i].iter().any(|(n, _)| n == name);
+        let name = header_name(name)?;
+        // `insert` hashes the name once, `append` twice; a name seen before must append.
+        if repeated {
+            headers.append(name, value);
+        } else {
+            headers.insert(name, value);
+        }
     }
     let id = HeaderValue::from_str(&msg.id)
         .map_err(|e| fatal(format!("record id as Nats-Msg-Id: {e}")))?;
@@ -350,17 +404,17 @@ impl Sink for NatsSink {
             };
             let mut publish = outgoing(&self.inner.subjects, &msg, payload, self.inner.format)?;
             let inner = self.inner.clone();
-            let conn = inner.conn().await?.clone();
+            let conn = self.inner.conn().await?;
             let ack: AckFuture = match inner.mode {
                 NatsMode::JetStream => {
                     // A failure here is returned, not retried inside: the caller retries
                     // enqueue in order, which keeps later messages behind this one.
                     let headers = std::mem::take(&mut publish.headers);
-                    let first = inner.send_js(&conn, &publish, headers).await?;
+                    let first = inner.send_js(conn, &publish, headers).await?;
                     let (tx, rx) = oneshot::channel();
                     inner.awaiting_acks.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(async move {
-                        let result = inner.clone().confirm(conn, publish, first).await;
+                        let result = inner.clone().confirm(publish, first).await;
                         inner.awaiting_acks.fetch_sub(1, Ordering::SeqCst);
                         // Nobody may be waiting any more; that is fine.
                         let _ = tx.send(result);
@@ -372,7 +426,7 @@ impl Sink for NatsSink {
                     .boxed()
                 }
                 NatsMode::Core => {
-                    inner.send_core(&conn, publish).await?;
+                    inner.send_core(conn, publish).await?;
                     inner.core_flusher.get_or_init(|| {
                         tokio::spawn(inner.clone().run_core_flusher(conn.client.clone()))
                     });
