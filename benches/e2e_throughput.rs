@@ -14,7 +14,7 @@
 //! feeding it, which runs in the same process.
 //!
 //! Run: `cargo bench --bench e2e_throughput` (needs tansu and nats-server, as the tests do;
-//! `BENCH_ONLY=file` or `nats` runs the file or the JetStream sink alone, for a profiler).
+//! `BENCH_ONLY=file`, `kafka` or `nats` runs the file, Kafka (JSON) or JetStream sink alone, for a profiler).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -251,6 +251,16 @@ fn main() {
             let url = nats.url();
             let run = connector_run("nats-jetstream", events, dir.path(), |c| {
                 support::use_jetstream(c, &url)
+            })
+            .await;
+            print_alone(&run);
+            return;
+        }
+        // `BENCH_ONLY=kafka`: the Kafka sink (JSON) alone, for a profiler.
+        if std::env::var("BENCH_ONLY").as_deref() == Ok("kafka") {
+            let bootstrap = tansu.bootstrap();
+            let run = connector_run("kafka", events, dir.path(), |c| {
+                support::use_kafka(c, &bootstrap)
             })
             .await;
             print_alone(&run);
