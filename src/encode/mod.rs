@@ -63,7 +63,7 @@ pub(crate) fn route_of(record: &Record) -> Route {
 /// The record's headers. Several values come from the server (ids, times, the uid in the
 /// source); a control byte in any of them would make a broker refuse the message and stop the
 /// stream, so every value is made header-safe.
-fn headers(record: &Record, content_type: &str) -> Vec<(String, String)> {
+fn headers(record: &Record, content_type: &str) -> Vec<(&'static str, String)> {
     headers_traced(record, content_type, None)
 }
 
@@ -72,7 +72,7 @@ fn headers_traced(
     record: &Record,
     content_type: &str,
     traceparent: Option<&str>,
-) -> Vec<(String, String)> {
+) -> Vec<(&'static str, String)> {
     [
         ("ce_specversion", "1.0".to_string()),
         ("ce_id", record.id.clone()),
@@ -88,7 +88,7 @@ fn headers_traced(
         ),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), into_header_safe(v)))
+    .map(|(k, v)| (k, into_header_safe(v)))
     .collect()
 }
 

@@ -85,8 +85,9 @@ pub struct Message {
     /// The record as a JSON document; `None` is a Kafka tombstone for `key` (NATS sinks skip
     /// tombstones). Empty when no sink writes JSON (see [`Message::body`]).
     pub payload: Option<Vec<u8>>,
-    /// Headers, in order (`ce_*`, `content-type`, `trace_id`, `traceparent`).
-    pub headers: Vec<(String, String)>,
+    /// Headers, in order (`ce_*`, `content-type`, `trace_id`, `traceparent`). The names are
+    /// fixed, so they are not allocated per message.
+    pub headers: Vec<(&'static str, String)>,
     /// The record in Avro (Confluent wire format) and its schema id, when a sink uses Avro;
     /// `payload` stays the JSON document.
     pub avro: Option<(Vec<u8>, u32)>,
@@ -132,9 +133,9 @@ impl Message {
         let mut out: Vec<(&str, Cow<'_, str>)> = self
             .headers
             .iter()
-            .map(|(k, v)| match (k.as_str(), avro) {
-                ("content-type", Some(_)) => (k.as_str(), Cow::Borrowed("application/avro")),
-                _ => (k.as_str(), Cow::Borrowed(v.as_str())),
+            .map(|(k, v)| match (*k, avro) {
+                ("content-type", Some(_)) => (*k, Cow::Borrowed("application/avro")),
+                _ => (*k, Cow::Borrowed(v.as_str())),
             })
             .collect();
         if let Some(id) = avro {

@@ -555,7 +555,7 @@ mod tests {
             id: "node:a:1".into(),
             key: "a".into(),
             payload: Some(b"{}".to_vec()),
-            headers: vec![("ce_id".into(), "node:a:1".into())],
+            headers: vec![("ce_id", "node:a:1".into())],
         }
     }
 
