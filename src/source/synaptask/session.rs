@@ -269,7 +269,13 @@ impl Session {
             .reconnect(false)
             .reconnect_on_disconnect(false)
             .on("connected", on_connected)
-            .on("graph:diff", on_diff)
+            // Diffs through `on_any`, not `on`: rust_socketio 0.6 hands an `on` callback a deep
+            // copy of the parsed payload (and `on_any` the original), so a diff registered with
+            // `on` was copied once more than it needs to be. The other events are few and small.
+            .on_any(move |event: Event, p: Payload, c: Client| match &event {
+                Event::Custom(name) if name == "graph:diff" => on_diff(p, c),
+                _ => async {}.boxed(),
+            })
             .on("ws:pong", on_pong)
             .on("rate_limited", on_rate_limited)
             .on(Event::Close, on_close)
