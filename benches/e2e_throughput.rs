@@ -7,8 +7,9 @@
 //! - the broker ceilings: a raw librdkafka producer and a raw async-nats JetStream publisher
 //!   sending the same number of messages of the same mean size.
 //!
-//! The Kafka sink runs with JSON and with Avro (schemas in a registry served in process),
-//! alternating `BENCH_ROUNDS` times (default 3), and the ratio of the medians is printed.
+//! The Kafka sink runs with JSON and with Avro (schemas in a registry served in process). Every
+//! sink runs `BENCH_ROUNDS` times (default 3), the sinks taking turns, and each sink's median
+//! run is reported (and the ratio of the Kafka medians, Avro to JSON).
 //!
 //! CPU seconds per million records count the whole process: the connector and the simulator
 //! feeding it, which runs in the same process.
@@ -266,7 +267,7 @@ fn main() {
             print_alone(&run);
             return;
         }
-        let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f)).await;
+        let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f.clone())).await;
         // `BENCH_ONLY=file`: the file sink alone, for a profiler.
         if std::env::var("BENCH_ONLY").as_deref() == Ok("file") {
             print_alone(&file_run);
@@ -282,16 +283,27 @@ fn main() {
         tokio::spawn(async move {
             let _ = axum::serve(registry, taskstream_sim::registry::router()).await;
         });
-        // JSON and Avro alternate, `BENCH_ROUNDS` times each, and the medians are compared: on
-        // a shared 2-core machine one run of each varies by more than the difference measured.
+        // Every sink runs `BENCH_ROUNDS` times, the sinks taking turns, and each sink's median
+        // is reported: on a shared 2-core machine one run varies by more than the differences
+        // measured, and the machine's speed drifts over minutes, which the turns share out.
         let rounds: usize = std::env::var("BENCH_ROUNDS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(3)
             .max(1);
+        let url = nats.url();
+        let mut file_runs = vec![file_run];
         let mut json_runs = Vec::new();
         let mut avro_runs = Vec::new();
-        for _ in 0..rounds {
+        let mut nats_runs = Vec::new();
+        for round in 0..rounds {
+            if round > 0 {
+                let f = file.clone();
+                file_runs.push(
+                    connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f))
+                        .await,
+                );
+            }
             json_runs.push(
                 connector_run("kafka", events, dir.path(), |c| {
                     support::use_kafka(c, &bootstrap)
@@ -306,18 +318,21 @@ fn main() {
                 })
                 .await,
             );
+            nats_runs.push(
+                connector_run("nats-jetstream", events, dir.path(), |c| {
+                    support::use_jetstream(c, &url)
+                })
+                .await,
+            );
         }
         let median = |runs: &mut Vec<Run>| {
             runs.sort_by(|a, b| (a.records as f64 / a.secs).total_cmp(&(b.records as f64 / b.secs)));
             runs.remove(runs.len() / 2)
         };
+        let file_run = median(&mut file_runs);
         let kafka_run = median(&mut json_runs);
         let avro_run = median(&mut avro_runs);
-        let url = nats.url();
-        let nats_run = connector_run("nats-jetstream", events, dir.path(), |c| {
-            support::use_jetstream(c, &url)
-        })
-        .await;
+        let nats_run = median(&mut nats_runs);
         let n = kafka_run.records.max(10_000);
         let kafka_max = kafka_ceiling(&tansu.bootstrap(), n, mean).await;
         eprintln!("kafka ceiling: {kafka_max:.0} msgs/s");
@@ -343,7 +358,7 @@ fn main() {
             }
         }
         let rate = |r: &Run| r.records as f64 / r.secs;
-        println!("kafka json and avro: the median of {rounds} alternating runs each");
+        println!("each sink: the median of {rounds} runs, the sinks taking turns");
         println!(
             "kafka avro / kafka json: {:.2} (Avro costs {:.0} % of JSON's throughput)",
             rate(&avro_run) / rate(&kafka_run),
