@@ -138,6 +138,9 @@ metrics! {
     /// Session control events (pongs, rate_limited events) dropped because the session loop
     /// had 256 waiting; a server flooding them cannot grow memory.
     counter control_events_dropped_total,
+    /// Pushed Socket.IO events the connector does not consume (notifications such as
+    /// `node:ai_subtasks_done`), counted here and otherwise ignored.
+    counter socket_events_ignored_total,
     /// Inputs that could not be parsed and went to the dead-letter route.
     counter dead_letters_total,
     /// Entity changes skipped because a newer or equal version was already known.

@@ -315,6 +315,11 @@ fn bad_input_becomes_dead_letters_and_the_stream_goes_on() {
             Some(&json!({"event": "graph:diff", "data": data})),
         );
     }
+    // A pushed event outside the graph is counted, not published, and changes nothing.
+    sim.post(
+        "/admin/emit",
+        Some(&json!({"event": "node:ai_subtasks_done", "data": {"nodeId": "x"}})),
+    );
     std::thread::sleep(Duration::from_secs(2));
     sim.pause();
     let (latest, _) = wait_until_matches(&sim, UID, Duration::from_secs(30), || {
@@ -332,6 +337,7 @@ fn bad_input_becomes_dead_letters_and_the_stream_goes_on() {
     assert!(log.contains("dead-letter"), "a clear log line");
     let m = c.metrics();
     assert!(m["taskstream_dead_letters_total"] >= 4.0);
+    assert!(m["taskstream_socket_events_ignored_total"] >= 1.0, "{m:?}");
 }
 
 #[test]

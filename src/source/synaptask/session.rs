@@ -149,6 +149,9 @@ pub fn approx_bytes(v: &Value) -> usize {
     }
 }
 
+/// Pushed events with an `on` callback of their own (besides `graph:diff`, taken by `on_any`).
+const HANDLED: [&str; 3] = ["connected", "ws:pong", "rate_limited"];
+
 fn first_value(payload: Payload) -> Result<Value, (Vec<u8>, String)> {
     match payload {
         Payload::Text(mut values) => {
@@ -274,7 +277,19 @@ impl Session {
             // `on` was copied once more than it needs to be. The other events are few and small.
             .on_any(move |event: Event, p: Payload, c: Client| match &event {
                 Event::Custom(name) if name == "graph:diff" => on_diff(p, c),
-                _ => async {}.boxed(),
+                // Handled by their `on` callbacks.
+                Event::Custom(name) if HANDLED.contains(&name.as_str()) => async {}.boxed(),
+                _ => {
+                    // Other pushes are documented notifications outside the graph (AI
+                    // subtasks, publishing); rust_socketio would drop them without a trace.
+                    inc(&metrics().socket_events_ignored_total);
+                    let name = String::from(event);
+                    tracing::debug!(
+                        event = %name.chars().take(64).collect::<String>(),
+                        "pushed event not consumed"
+                    );
+                    async {}.boxed()
+                }
             })
             .on("ws:pong", on_pong)
             .on("rate_limited", on_rate_limited)
