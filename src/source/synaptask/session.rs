@@ -149,9 +149,6 @@ pub fn approx_bytes(v: &Value) -> usize {
     }
 }
 
-/// Pushed events with an `on` callback of their own (besides `graph:diff`, taken by `on_any`).
-const HANDLED: [&str; 3] = ["connected", "ws:pong", "rate_limited"];
-
 fn first_value(payload: Payload) -> Result<Value, (Vec<u8>, String)> {
     match payload {
         Payload::Text(mut values) => {
@@ -271,28 +268,30 @@ impl Session {
             .auth(json!({"api_token": token.expose()}))
             .reconnect(false)
             .reconnect_on_disconnect(false)
-            .on("connected", on_connected)
-            // Diffs through `on_any`, not `on`: rust_socketio 0.6 hands an `on` callback a deep
-            // copy of the parsed payload (and `on_any` the original), so a diff registered with
-            // `on` was copied once more than it needs to be. The other events are few and small.
-            .on_any(move |event: Event, p: Payload, c: Client| match &event {
-                Event::Custom(name) if name == "graph:diff" => on_diff(p, c),
-                // Handled by their `on` callbacks.
-                Event::Custom(name) if HANDLED.contains(&name.as_str()) => async {}.boxed(),
-                _ => {
-                    // Other pushes are documented notifications outside the graph (AI
-                    // subtasks, publishing); rust_socketio would drop them without a trace.
-                    inc(&metrics().socket_events_ignored_total);
-                    let name = String::from(event);
-                    tracing::debug!(
-                        event = %name.chars().take(64).collect::<String>(),
-                        "pushed event not consumed"
-                    );
-                    async {}.boxed()
+            // Pushed events through `on_any`, not `on`: rust_socketio 0.6 hands an `on` callback
+            // a deep copy of the parsed payload (and `on_any` the original), so a diff
+            // registered with `on` was copied once more than it needs to be. Close and error
+            // are not pushed events; `on_any` never sees them.
+            .on_any(move |event: Event, p: Payload, c: Client| {
+                if let Event::Custom(name) = &event {
+                    match name.as_str() {
+                        "graph:diff" => return on_diff(p, c),
+                        "connected" => return on_connected(p, c),
+                        "ws:pong" => return on_pong(p, c),
+                        "rate_limited" => return on_rate_limited(p, c),
+                        _ => {}
+                    }
                 }
+                // Other pushes are documented notifications outside the graph (AI subtasks,
+                // publishing); rust_socketio would drop them without a trace.
+                inc(&metrics().socket_events_ignored_total);
+                let name = String::from(event);
+                tracing::debug!(
+                    event = %name.chars().take(64).collect::<String>(),
+                    "pushed event not consumed"
+                );
+                async {}.boxed()
             })
-            .on("ws:pong", on_pong)
-            .on("rate_limited", on_rate_limited)
             .on(Event::Close, on_close)
             .on(Event::Error, on_error)
             .connect()
