@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::normalize::Group;
 use crate::record::{header_safe, into_header_safe, Body, EntityKind, Record};
-use crate::sink::{Message, Route};
+use crate::sink::{Message, Route, RECORD_HEADERS};
 
 /// A sink's body format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -73,23 +73,23 @@ fn headers_traced(
     content_type: &str,
     traceparent: Option<&str>,
 ) -> Vec<(&'static str, String)> {
-    [
-        ("ce_specversion", "1.0".to_string()),
-        ("ce_id", record.id.clone()),
-        ("ce_type", record.event_type()),
-        ("ce_source", record.source.clone()),
-        ("ce_subject", record.subject.clone()),
-        ("ce_time", record.time.clone()),
-        ("content-type", content_type.to_string()),
-        ("trace_id", record.trace.trace_id.clone()),
-        (
-            "traceparent",
-            traceparent.unwrap_or(&record.trace.traceparent).to_string(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k, into_header_safe(v)))
-    .collect()
+    // In the order of `RECORD_HEADERS`.
+    let values: [String; RECORD_HEADERS.len()] = [
+        "1.0".to_string(),
+        record.id.clone(),
+        record.event_type(),
+        record.source.clone(),
+        record.subject.clone(),
+        record.time.clone(),
+        content_type.to_string(),
+        record.trace.trace_id.clone(),
+        traceparent.unwrap_or(&record.trace.traceparent).to_string(),
+    ];
+    RECORD_HEADERS
+        .into_iter()
+        .zip(values)
+        .map(|(k, v)| (k, into_header_safe(v)))
+        .collect()
 }
 
 /// The messages of one group, in publish order: each record, then the delete's tombstone.

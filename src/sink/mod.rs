@@ -96,6 +96,23 @@ pub struct Message {
     pub avro_key: Option<Vec<u8>>,
 }
 
+/// The names of a record's headers, in the order [`Message::headers`] has them (the encoder
+/// writes them; sinks that build per-name objects look them up here).
+pub const RECORD_HEADERS: [&str; 9] = [
+    "ce_specversion",
+    "ce_id",
+    "ce_type",
+    "ce_source",
+    "ce_subject",
+    "ce_time",
+    "content-type",
+    "trace_id",
+    "traceparent",
+];
+
+/// The header an Avro body adds: the id of its schema in the registry.
+pub const SCHEMA_ID_HEADER: &str = "schema_id";
+
 impl Message {
     /// The body a sink of `format` publishes: `None` for a tombstone. A record without its
     /// Avro encoding is a wiring bug, reported as fatal.
@@ -139,7 +156,7 @@ impl Message {
             })
             .collect();
         if let Some(id) = avro {
-            out.push(("schema_id", Cow::Owned(id.to_string())));
+            out.push((SCHEMA_ID_HEADER, Cow::Owned(id.to_string())));
         }
         out
     }

@@ -28,7 +28,7 @@ use futures_util::FutureExt;
 use tokio::sync::{oneshot, watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use super::{AckFuture, Format, Message, Route, Sink, SinkError};
+use super::{AckFuture, Format, Message, Route, Sink, SinkError, RECORD_HEADERS, SCHEMA_ID_HEADER};
 use crate::backoff::Backoff;
 use crate::metrics;
 use crate::secret::Secret;
@@ -347,23 +347,15 @@ impl AsRef<[u8]> for Body {
     }
 }
 
-/// The header names records carry, built once: parsing a name (and, for these custom names,
-/// copying it) for every header of every message showed in the JetStream profile.
-const KNOWN_HEADERS: [&str; 10] = [
-    "ce_specversion",
-    "ce_id",
-    "ce_type",
-    "ce_source",
-    "ce_subject",
-    "ce_time",
-    "content-type",
-    "trace_id",
-    "traceparent",
-    "schema_id",
-];
-
+/// A header name without parsing: the record header names (and the schema id) are built from
+/// their static strings; parsing a name (and, for these custom names, copying it) for every
+/// header of every message showed in the JetStream profile. Any other name is parsed.
 fn header_name(name: &str) -> Result<HeaderName, SinkError> {
-    match KNOWN_HEADERS.iter().find(|k| **k == name) {
+    match RECORD_HEADERS
+        .iter()
+        .chain([&SCHEMA_ID_HEADER])
+        .find(|k| **k == name)
+    {
         Some(known) => Ok(HeaderName::from_static(known)),
         None => HeaderName::from_str(name).map_err(|e| fatal(format!("header {name:?}: {e}"))),
     }
