@@ -168,6 +168,35 @@ async fn connector_run(
     run
 }
 
+/// Where each sink of a run publishes.
+struct Targets {
+    /// The file sink's output.
+    file: std::path::PathBuf,
+    /// The Kafka bootstrap address.
+    kafka: String,
+    /// The NATS server's URL.
+    nats: String,
+    /// The schema registry's URL (Kafka with Avro).
+    registry: String,
+}
+
+/// [`connector_run`] publishing to `sink`: `file`, `kafka` (JSON), `kafka-avro` or
+/// `nats-jetstream`.
+async fn sink_run(sink: &'static str, events: u64, dir: &std::path::Path, to: &Targets) -> Run {
+    connector_run(sink, events, dir, |c| match sink {
+        "file" => c.sinks.stdout.path = Some(to.file.clone()),
+        "kafka" => support::use_kafka(c, &to.kafka),
+        "kafka-avro" => {
+            support::use_kafka(c, &to.kafka);
+            c.sinks.kafka.format = Some(taskstream::config::BodyFormat::Avro);
+            c.schema_registry.url = Some(to.registry.clone());
+        }
+        "nats-jetstream" => support::use_jetstream(c, &to.nats),
+        other => panic!("no sink named {other}"),
+    })
+    .await
+}
+
 async fn kafka_ceiling(bootstrap: &str, n: u64, size: usize) -> f64 {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -245,44 +274,33 @@ fn main() {
         tansu.create_topic("bench.ceiling", 3).await;
         eprintln!("brokers up: kafka {} nats {}", tansu.bootstrap(), nats.url());
 
-        let file = dir.path().join("records.jsonl");
-        let f = file.clone();
-        // `BENCH_ONLY=nats`: the JetStream sink alone, for a profiler.
-        if std::env::var("BENCH_ONLY").as_deref() == Ok("nats") {
-            let url = nats.url();
-            let run = connector_run("nats-jetstream", events, dir.path(), |c| {
-                support::use_jetstream(c, &url)
-            })
-            .await;
-            print_alone(&run);
-            return;
-        }
-        // `BENCH_ONLY=kafka`: the Kafka sink (JSON) alone, for a profiler.
-        if std::env::var("BENCH_ONLY").as_deref() == Ok("kafka") {
-            let bootstrap = tansu.bootstrap();
-            let run = connector_run("kafka", events, dir.path(), |c| {
-                support::use_kafka(c, &bootstrap)
-            })
-            .await;
-            print_alone(&run);
-            return;
-        }
-        let file_run = connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f.clone())).await;
-        // `BENCH_ONLY=file`: the file sink alone, for a profiler.
-        if std::env::var("BENCH_ONLY").as_deref() == Ok("file") {
-            print_alone(&file_run);
-            return;
-        }
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let lines = text.lines().count().max(1);
-        let mean = text.len() / lines;
-
-        let bootstrap = tansu.bootstrap();
         let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let registry_url = format!("http://{}", registry.local_addr().expect("addr"));
         tokio::spawn(async move {
             let _ = axum::serve(registry, taskstream_sim::registry::router()).await;
         });
+        let to = Targets {
+            file: dir.path().join("records.jsonl"),
+            kafka: tansu.bootstrap(),
+            nats: nats.url(),
+            registry: registry_url,
+        };
+        // `BENCH_ONLY=file|kafka|nats`: that sink alone (Kafka with JSON), for a profiler.
+        let only = match std::env::var("BENCH_ONLY").as_deref() {
+            Ok("file") => Some("file"),
+            Ok("kafka") => Some("kafka"),
+            Ok("nats") => Some("nats-jetstream"),
+            _ => None,
+        };
+        if let Some(sink) = only {
+            print_alone(&sink_run(sink, events, dir.path(), &to).await);
+            return;
+        }
+        let file_run = sink_run("file", events, dir.path(), &to).await;
+        let text = std::fs::read_to_string(&to.file).unwrap_or_default();
+        let lines = text.lines().count().max(1);
+        let mean = text.len() / lines;
+
         // Every sink runs `BENCH_ROUNDS` times, the sinks taking turns, and each sink's median
         // is reported: on a shared 2-core machine one run varies by more than the differences
         // measured, and the machine's speed drifts over minutes, which the turns share out.
@@ -291,39 +309,17 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(3)
             .max(1);
-        let url = nats.url();
         let mut file_runs = vec![file_run];
         let mut json_runs = Vec::new();
         let mut avro_runs = Vec::new();
         let mut nats_runs = Vec::new();
         for round in 0..rounds {
             if round > 0 {
-                let f = file.clone();
-                file_runs.push(
-                    connector_run("file", events, dir.path(), |c| c.sinks.stdout.path = Some(f))
-                        .await,
-                );
+                file_runs.push(sink_run("file", events, dir.path(), &to).await);
             }
-            json_runs.push(
-                connector_run("kafka", events, dir.path(), |c| {
-                    support::use_kafka(c, &bootstrap)
-                })
-                .await,
-            );
-            avro_runs.push(
-                connector_run("kafka-avro", events, dir.path(), |c| {
-                    support::use_kafka(c, &bootstrap);
-                    c.sinks.kafka.format = Some(taskstream::config::BodyFormat::Avro);
-                    c.schema_registry.url = Some(registry_url.clone());
-                })
-                .await,
-            );
-            nats_runs.push(
-                connector_run("nats-jetstream", events, dir.path(), |c| {
-                    support::use_jetstream(c, &url)
-                })
-                .await,
-            );
+            json_runs.push(sink_run("kafka", events, dir.path(), &to).await);
+            avro_runs.push(sink_run("kafka-avro", events, dir.path(), &to).await);
+            nats_runs.push(sink_run("nats-jetstream", events, dir.path(), &to).await);
         }
         let median = |runs: &mut Vec<Run>| {
             runs.sort_by(|a, b| (a.records as f64 / a.secs).total_cmp(&(b.records as f64 / b.secs)));
