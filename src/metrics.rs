@@ -38,6 +38,13 @@ pub struct SinkName {
     pub sink: String,
 }
 
+/// Labels of a read's figures.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadLabels {
+    /// The read event (`graph:get`, `branch:get`, `history:page`, `trash:page`).
+    pub event: &'static str,
+}
+
 /// A latency histogram: 0.25 ms to about 8 s in doubling buckets.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
@@ -57,6 +64,9 @@ macro_rules! metrics {
             pub sink_acked: Family<SinkLabels, Counter>,
             /// Seconds from handing a message to a sink to its broker's acknowledgement.
             pub publish_latency: Family<SinkName, Histogram, fn() -> Histogram>,
+            /// Seconds from sending a read to its answer, per read event. The read budget counts
+            /// a read from its answer, so every window of a long catch-up costs one of these.
+            pub read_duration: Family<ReadLabels, Histogram, fn() -> Histogram>,
             /// Whether each sink's last probe reached its broker (1) or not (0).
             pub sink_up: Family<SinkName, Gauge>,
             /// Seconds the oldest message not yet acknowledged in order has waited.
@@ -75,6 +85,7 @@ macro_rules! metrics {
                     sink_sent: Family::default(),
                     sink_acked: Family::default(),
                     publish_latency: Family::new_with_constructor(latency_histogram),
+                    read_duration: Family::new_with_constructor(latency_histogram),
                     sink_up: Family::default(),
                     checkpoint_lag_seconds: Gauge::default(),
                     oldest_pending_ms: Default::default(),
@@ -107,6 +118,12 @@ macro_rules! metrics {
                     "Time from handing a message to a sink to its broker's acknowledgement.",
                     prometheus_client::registry::Unit::Seconds,
                     m.publish_latency.clone(),
+                );
+                m.registry.register_with_unit(
+                    "read_duration",
+                    "Time from sending a read to its answer, per read event.",
+                    prometheus_client::registry::Unit::Seconds,
+                    m.read_duration.clone(),
                 );
                 m.registry.register_with_unit(
                     "checkpoint_lag",
